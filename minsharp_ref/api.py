@@ -1,0 +1,249 @@
+"""The Python API: ``score`` a model on data, returning a typed ``ScoreResult``."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
+from .engine import bytes_per_sample, per_sample_traces, softmax, tensor_columns
+from .errors import MinsharpError
+from .ir import Network
+from .onnx_import import ImportedModel, import_model
+from .runtime import FIDELITY_RTOL, check_fidelity, make_forward
+from .sharpness import minimum_sharpness
+
+SCORE_SCHEMA = "minsharp-ref/score/v1"
+DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
+DEFAULT_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    index: int
+    name: str
+    kind: str
+    weight: str
+    bias: Optional[str]
+    weight_shape: tuple[int, ...]
+    trace_weight: float
+    trace_bias: Optional[float]
+    alpha: Optional[float]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Everything ``score`` reports; ``to_dict`` gives the versioned JSON document."""
+
+    model: dict
+    data: dict
+    provider: str
+    layers: tuple[LayerResult, ...]
+    trace: float
+    trace_stderr: float
+    minimum_sharpness: float
+    minimum_sharpness_stderr: Optional[float]
+    solver: dict
+    loss: Optional[float]
+    accuracy: Optional[float]
+    postprocessing: tuple[str, ...]
+    fidelity: dict
+    warnings: tuple[str, ...]
+    timings: dict = field(compare=False)
+
+    def to_dict(self) -> dict:
+        doc = {"schema": SCORE_SCHEMA, "minsharp_ref_version": __version__}
+        doc.update(asdict(self))
+        doc["layers"] = [dict(asdict(l), weight_shape=list(l.weight_shape)) for l in self.layers]
+        doc["postprocessing"] = list(self.postprocessing)
+        doc["warnings"] = list(self.warnings)
+        return _json_safe(doc)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+@dataclass
+class TraceSums:
+    """Running float64 sums over samples of the per-sample trace vector v (one entry per
+    parameter tensor), of v vᵀ (for standard errors), and of loss and correct predictions."""
+
+    columns: int
+    n: int = 0
+    total: np.ndarray = None  # type: ignore[assignment]
+    outer: np.ndarray = None  # type: ignore[assignment]
+    loss: float = 0.0
+    correct: int = 0
+
+    def __post_init__(self):
+        self.total = np.zeros(self.columns)
+        self.outer = np.zeros((self.columns, self.columns))
+
+    def add(self, v: np.ndarray):
+        self.n += len(v)
+        self.total += v.sum(axis=0)
+        self.outer += v.T @ v
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.n
+
+    def stderr(self, weights: np.ndarray) -> float:
+        """Standard error of Σ_j w_j mean_j over samples (delta method with w = gradient)."""
+        if self.n < 2:
+            return float("nan")
+        cov = (self.outer - self.n * np.outer(self.mean, self.mean)) / (self.n - 1)
+        return float(math.sqrt(max(weights @ cov @ weights, 0.0) / self.n))
+
+
+def batch_size_for(network: Network, memory_budget: int, requested: Optional[int]) -> int:
+    """The requested batch size (default 1000), lowered so that one batch fits the budget."""
+    if requested is not None and requested < 1:
+        raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
+    if memory_budget <= 0:
+        raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
+    fit = max(1, memory_budget // bytes_per_sample(network))
+    return int(min(requested or DEFAULT_BATCH_SIZE, fit))
+
+
+def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
+                provider: str, progress: Optional[Callable[[int], None]] = None):
+    """Run forward + engine over batches; returns (TraceSums, forward name, fidelity, timings)."""
+    network = imported.network
+    forward = make_forward(imported.proto, network, provider)
+    sums = TraceSums(len(tensor_columns(network)))
+    t_forward = t_engine = 0.0
+    fidelity = None
+    for x in xs:
+        t0 = time.perf_counter()
+        logits, inputs = forward(x)
+        t1 = time.perf_counter()
+        if fidelity is None:
+            fidelity = check_fidelity(imported.proto, network, x,
+                                      None if forward.name == "numpy" else logits)
+            t1 = time.perf_counter()
+        sums.add(per_sample_traces(network, inputs, logits))
+        t_engine += time.perf_counter() - t1
+        t_forward += t1 - t0
+        if labels is not None:
+            y = labels[sums.n - len(x):sums.n]
+            z = logits - logits.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(z).sum(axis=1))
+            sums.loss += float(np.sum(lse - z[np.arange(len(y)), y]))
+            sums.correct += int(np.sum(np.argmax(logits, axis=1) == y))
+        if progress:
+            progress(len(x))
+    return sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine}
+
+
+def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
+    """Per-layer results, naive trace and minimum sharpness from the sums."""
+    network = imported.network
+    cols = tensor_columns(network)
+    mean = sums.mean
+    d = len(network.param_layers)
+    t, u = np.zeros(d), np.zeros(d)
+    for (layer, which, _), value in zip(cols, mean):
+        (t if which == "weight" else u)[layer] = value
+    ms = minimum_sharpness(t, u)
+    alpha = np.asarray(ms.alpha)
+    c = np.cumprod(alpha)
+    grad = np.array([1 / alpha[l] ** 2 if w == "weight" else 1 / c[l] ** 2 for l, w, _ in cols])
+    warnings = []
+    for l in ms.dead_layers:
+        warnings.append(f'layer {l + 1} ("{network.param_layers[l].nodes[0]}") has zero weight '
+                        "trace (dead layer): minimum sharpness is 0 and not attained")
+    layers = []
+    for i, layer in enumerate(network.param_layers):
+        has_bias = layer.bias is not None
+        layers.append(LayerResult(
+            index=i + 1, name=layer.nodes[0], kind=layer.kind, weight=layer.weight_name,
+            bias=layer.bias_name if has_bias else None,
+            weight_shape=tuple(int(s) for s in layer.weight.shape),
+            trace_weight=float(t[i]), trace_bias=float(u[i]) if has_bias else None,
+            alpha=None if ms.dead_layers else float(alpha[i])))
+    ms_se = None if ms.dead_layers else sums.stderr(grad)
+    solver = {"method": ms.method, "iterations": ms.iterations, "gradient_norm": ms.gradient_norm}
+    loss = sums.loss / sums.n if has_labels else None
+    acc = sums.correct / sums.n if has_labels else None
+    return layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se, solver, loss, acc, warnings
+
+
+def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
+          y_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+          std: Optional[Sequence[float]] = None, limit: Optional[int] = None,
+          batch_size: Optional[int] = None, provider: str = "auto",
+          memory_budget: int = DEFAULT_MEMORY_BUDGET,
+          progress: Optional[Callable[[int], None]] = None,
+          on_start: Optional[Callable[[int], None]] = None) -> ScoreResult:
+    """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
+
+    ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
+    Raises ``MinsharpError`` on bad input.
+    """
+    start = time.perf_counter()
+    imported = model if isinstance(model, ImportedModel) else import_model(model)
+    t_import = time.perf_counter() - start
+    network = imported.network
+    dataset = open_dataset(data, split, x_key, y_key, limit)
+    try:
+        check_finite(dataset)
+        check_labels(dataset, network.num_classes)
+        prep = Preprocessing(mean, std)
+        bs = batch_size_for(network, memory_budget, batch_size)
+        if on_start:
+            on_start(dataset.samples)
+        sums, provider_used, fidelity, timings = traces_over(
+            imported, batches(dataset, network.input_shape, prep, bs), dataset.y, provider, progress)
+        data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
+                     "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
+                     "batch_size": bs}
+    finally:
+        dataset.close()
+    layers, trace, trace_se, ms, ms_se, solver, loss, acc, warnings = summarise(
+        imported, sums, dataset.y is not None)
+    timings = {"import_s": t_import, **timings, "total_s": time.perf_counter() - start}
+    return ScoreResult(
+        model={"path": str(imported.path), "sha256": imported.sha256, "opset": network.opset,
+               "input": network.input_name, "input_shape": list(network.input_shape),
+               "logits": network.logits_name, "classes": network.num_classes},
+        data=data_info, provider=provider_used, layers=tuple(layers), trace=trace,
+        trace_stderr=trace_se, minimum_sharpness=ms, minimum_sharpness_stderr=ms_se,
+        solver=solver, loss=loss, accuracy=acc, postprocessing=network.postprocessing,
+        fidelity={"max_scaled_difference": fidelity, "tolerance": FIDELITY_RTOL},
+        warnings=tuple(warnings), timings=timings)
+
+
+def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000):
+    """Per-tensor mean traces (columns of ``engine.tensor_columns``) and minimum sharpness
+    for an in-memory float64 input array already in the model's input shape. ``model`` is
+    an .onnx path, a ModelProto or an ImportedModel. For tests and other frameworks' code."""
+    import onnx
+
+    from .onnx_import import convert
+
+    if isinstance(model, onnx.ModelProto):
+        imported = ImportedModel(Path("<memory>"), "", model, convert(model))
+    elif isinstance(model, ImportedModel):
+        imported = model
+    else:
+        imported = import_model(model)
+    xs = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+    sums, _, _, _ = traces_over(imported, xs, None, provider)
+    layers, trace, _, ms, _, _, _, _, _ = summarise(imported, sums, False)
+    return layers, trace, ms

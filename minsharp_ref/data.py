@@ -1,0 +1,220 @@
+"""Data: ``.npz`` files read without pickle, streamed in batches, preprocessed to float64.
+
+Arrays are read straight from the zip member's ``.npy`` stream, a block of rows at a time,
+so memory does not grow with the number of samples and object arrays are refused before any
+of their bytes are interpreted (``np.load(..., allow_pickle=True)`` is never used).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import MinsharpError
+
+
+class NpyMember:
+    """One array of an .npz archive, read in row blocks without loading it whole."""
+
+    def __init__(self, path: Path, archive: zipfile.ZipFile, key: str):
+        self.path, self.archive, self.key = path, archive, key
+        self.member = f"{key}.npy"
+        with self._open() as f:
+            self.shape, self.dtype, self.offset = self._header(f)
+
+    def _open(self):
+        return self.archive.open(self.member)
+
+    def _header(self, f):
+        where = f'{self.path}: key "{self.key}"'
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except Exception:
+            raise MinsharpError(f"{where} is not a valid .npy array") from None
+        if dtype.hasobject:
+            raise MinsharpError(f"{where} holds Python objects (pickled data), which are never loaded")
+        if dtype.kind not in "biuf":
+            raise MinsharpError(f"{where} has non-numeric dtype {dtype}")
+        if fortran and len(shape) > 1:
+            raise MinsharpError(f"{where} is stored in Fortran order; save it C-contiguous")
+        return tuple(int(s) for s in shape), dtype, f.tell()
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def blocks(self, rows: int, limit: Optional[int] = None) -> Iterator[np.ndarray]:
+        """Consecutive blocks of at most ``rows`` rows, in order, up to ``limit`` rows."""
+        n = len(self) if limit is None else min(limit, len(self))
+        row_shape = self.shape[1:]
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        with self._open() as f:
+            f.read(self.offset)
+            done = 0
+            while done < n:
+                take = min(rows, n - done)
+                buf = f.read(take * row_bytes)
+                if len(buf) != take * row_bytes:
+                    raise MinsharpError(f'{self.path}: key "{self.key}" is truncated')
+                yield np.frombuffer(buf, dtype=self.dtype).reshape((take,) + row_shape)
+                done += take
+
+    def read(self) -> np.ndarray:
+        return np.concatenate(list(self.blocks(max(1, len(self))))) if len(self) else np.empty(self.shape, self.dtype)
+
+
+@dataclass
+class Preprocessing:
+    """uint8 → /255, then (x − mean)/std (scalars or per-channel), then the model's shape."""
+
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    scale_uint8: bool = True
+
+    def describe(self, dtype: np.dtype) -> list[str]:
+        steps = []
+        if dtype == np.uint8 and self.scale_uint8:
+            steps.append("uint8 scaled by 1/255")
+        if self.mean is not None or self.std is not None:
+            m = list(self.mean or [0.0])
+            s = list(self.std or [1.0])
+            fmt = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+            steps.append(f"normalised (x - {fmt(m)}) / {fmt(s)}")
+        return steps
+
+
+@dataclass
+class Dataset:
+    path: Path
+    x: NpyMember
+    y: Optional[np.ndarray]
+    x_key: str
+    y_key: Optional[str]
+    limit: Optional[int] = None
+    archive: Optional[zipfile.ZipFile] = field(default=None, repr=False)
+
+    @property
+    def samples(self) -> int:
+        return len(self.x) if self.limit is None else min(self.limit, len(self.x))
+
+    def close(self):
+        if self.archive is not None:
+            self.archive.close()
+
+
+def open_dataset(path, split: str = "train", x_key: Optional[str] = None,
+                 y_key: Optional[str] = None, limit: Optional[int] = None) -> Dataset:
+    """Open an .npz with the Keras mnist layout (x_train, y_train, x_test, y_test) or x/y."""
+    path = Path(path)
+    if not path.is_file():
+        raise MinsharpError(f"{path}: no such data file")
+    if split not in ("train", "test"):
+        raise MinsharpError(f"--split must be train or test, not {split!r}")
+    if limit is not None and limit < 1:
+        raise MinsharpError(f"--limit must be at least 1, not {limit}")
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise MinsharpError(f"{path}: not an .npz file (not a zip archive)") from None
+    try:
+        keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+        listing = ", ".join(keys) or "none"
+        if x_key is None:
+            x_key = next((k for k in (f"x_{split}", "x") if k in keys), None)
+            if x_key is None:
+                raise MinsharpError(f"{path}: no x_{split} or x key (keys: {listing}); use --x-key")
+        elif x_key not in keys:
+            raise MinsharpError(f'{path}: no key "{x_key}" (keys: {listing})')
+        if y_key is None:
+            default = {f"x_{split}": f"y_{split}", "x": "y"}.get(x_key)
+            y_key = default if default in keys else None
+        elif y_key not in keys:
+            raise MinsharpError(f'{path}: no key "{y_key}" (keys: {listing})')
+        x = NpyMember(path, archive, x_key)
+        if len(x.shape) < 2:
+            raise MinsharpError(f'{path}: key "{x_key}" has shape {x.shape}; need (samples, ...)')
+        if len(x) == 0:
+            raise MinsharpError(f'{path}: key "{x_key}" has zero samples')
+        y = None
+        if y_key is not None:
+            ym = NpyMember(path, archive, y_key)
+            if len(ym.shape) != 1 or ym.dtype.kind not in "iu" or len(ym) != len(x):
+                raise MinsharpError(f'{path}: labels "{y_key}" have shape {ym.shape} and dtype '
+                                    f'{ym.dtype}; need integers of shape ({len(x)},)')
+            y = ym.read().astype(np.int64)
+            if limit is not None:
+                y = y[:limit]
+        return Dataset(path, x, y, x_key, y_key, limit, archive)
+    except Exception:
+        archive.close()
+        raise
+
+
+def _channel_vector(values, name: str, channels: int, ndim: int) -> np.ndarray:
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 1:
+        return v.reshape(())
+    if v.size != channels:
+        raise MinsharpError(f"--{name} has {v.size} values; the model has {channels} input channels")
+    return v.reshape((channels,) + (1,) * (ndim - 1))
+
+
+def batches(dataset: Dataset, input_shape: tuple[int, ...], prep: Preprocessing,
+            batch_size: int) -> Iterator[np.ndarray]:
+    """Preprocessed float64 batches of shape (B, *input_shape)."""
+    row_shape = dataset.x.shape[1:]
+    if int(np.prod(row_shape)) != int(np.prod(input_shape)):
+        raise MinsharpError(
+            f'{dataset.path}: samples of "{dataset.x_key}" have shape {row_shape} '
+            f"({int(np.prod(row_shape))} values) but the model expects {input_shape} "
+            f"({int(np.prod(input_shape))} values)")
+    mean = std = None
+    if prep.mean is not None:
+        mean = _channel_vector(prep.mean, "mean", input_shape[0], len(input_shape))
+    if prep.std is not None:
+        std = _channel_vector(prep.std, "std", input_shape[0], len(input_shape))
+        if np.any(std <= 0):
+            raise MinsharpError("--std must be positive")
+    scale = dataset.x.dtype == np.uint8 and prep.scale_uint8
+    for block in dataset.x.blocks(batch_size, dataset.limit):
+        x = block.astype(np.float64).reshape((len(block),) + tuple(input_shape))
+        if scale:
+            x /= 255.0
+        if mean is not None:
+            x -= mean
+        if std is not None:
+            x /= std
+        yield x
+
+
+def check_finite(dataset: Dataset, block_rows: int = 4096) -> None:
+    """Refuse NaN/Inf in the samples, saying how many and where the first one is."""
+    if dataset.x.dtype.kind != "f":
+        return
+    bad, first, start = 0, None, 0
+    for block in dataset.x.blocks(block_rows, dataset.limit):
+        mask = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if mask.any():
+            if first is None:
+                first = start + int(np.argmax(mask))
+            bad += int(np.count_nonzero(~np.isfinite(block)))
+        start += len(block)
+    if bad:
+        raise MinsharpError(f'{dataset.path}: key "{dataset.x_key}" contains {bad} NaN/Inf '
+                            f"values (first in sample {first})")
+
+
+def check_labels(dataset: Dataset, num_classes: int) -> None:
+    if dataset.y is None:
+        return
+    bad = np.flatnonzero((dataset.y < 0) | (dataset.y >= num_classes))
+    if bad.size:
+        raise MinsharpError(f'{dataset.path}: labels "{dataset.y_key}" out of range 0..{num_classes - 1}: '
+                            f"{bad.size} values, first {int(dataset.y[bad[0]])} at sample {int(bad[0])}")

@@ -1,0 +1,254 @@
+"""Exact per-tensor Hessian traces by back-propagating the K rows of S (spec section 2).
+
+With p = softmax(z) the loss Hessian in the logits factors as A = diag(p) − ppᵀ = SᵀS,
+S = diag(√p)(I − 1pᵀ). Back-propagating the K rows of S from the logits gives, at each
+layer output z_d, K signals g_k = S_k ∂z/∂z_d, and
+
+    Tr H_dd = (1/N) Σ_n Σ_k ‖g_nk ∂z_d/∂θ_d‖²                      (spec section 2)
+
+because the logits are linear in any one parameter tensor once the activation pattern is
+fixed. Two kinds of rule keep apart how signals travel and what is measured (as BackPACK):
+
+* ``backprop(layer, g, a)`` moves signals g (N, K, *out_shape) from a layer's output to its
+  input (a is the layer's input, needed for masks and arg-max routing);
+* ``measure(layer, g, a)`` turns the signals at a parameterised layer's output into the
+  per-sample traces of its weight and bias.
+
+Everything here is float64 and vectorised over samples, signals and positions.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Optional
+
+import numpy as np
+
+from .ir import (AvgPool2d, Conv2d, Dense, InputAffine, LayerBase, LeakyRelu, MaxPool2d, Network,
+                 Pad2d, Relu, Reshape, Transpose, is_parameterised)
+from .windows import scatter_windows
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stabilised by subtracting the row maximum."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loss_hessian_sqrt(p: np.ndarray) -> np.ndarray:
+    """S with SᵀS = diag(p) − ppᵀ, per sample: S[n, k, :] = √p_k (e_k − p). Shape (N, K, K)."""
+    k = p.shape[1]
+    return np.sqrt(p)[:, :, None] * (np.eye(k)[None] - p[:, None, :])
+
+
+# ------------------------------------------------------------------ signal back-propagation
+
+
+@singledispatch
+def backprop(layer: LayerBase, g: np.ndarray, a: np.ndarray) -> np.ndarray:
+    raise NotImplementedError(f"no back-propagation rule for {type(layer).__name__}")
+
+
+@backprop.register
+def _(layer: Relu, g, a):
+    """ReLU: multiply by 1[u > 0]."""
+    return g * (a > 0)[:, None]
+
+
+@backprop.register
+def _(layer: LeakyRelu, g, a):
+    """LeakyReLU: multiply by 1 where u > 0, by the slope elsewhere."""
+    return g * np.where(a > 0, 1.0, layer.slope)[:, None]
+
+
+@backprop.register
+def _(layer: Reshape, g, a):
+    """Reshape: back to the input's shape."""
+    return g.reshape(g.shape[:2] + a.shape[1:])
+
+
+@backprop.register
+def _(layer: Transpose, g, a):
+    """Transpose: apply the inverse permutation to the per-sample axes."""
+    inverse = np.argsort(layer.perm)
+    return g.transpose((0, 1) + tuple(int(p) + 2 for p in inverse))
+
+
+@backprop.register
+def _(layer: Pad2d, g, a):
+    """Zero padding: crop the padding away."""
+    t, l = layer.pads[0], layer.pads[1]
+    h, w = a.shape[2:]
+    return g[..., t:t + h, l:l + w]
+
+
+def _scatter(layer_geometry, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """col2im of (N, K, C, kh, kw, Ho, Wo) signals back to (N, K, C, H, W)."""
+    n, k = cols.shape[:2]
+    out = scatter_windows(cols.reshape((n * k,) + cols.shape[2:]), layer_geometry, a.shape[2:])
+    return out.reshape((n, k) + out.shape[1:])
+
+
+@backprop.register
+def _(layer: MaxPool2d, g, a):
+    """MaxPool: route each signal to its window's arg-max (first index on ties)."""
+    kh, kw = layer.geometry.kernel
+    argmax = layer.window_argmax(a)  # (N, C, Ho, Wo)
+    onehot = argmax[:, :, None] == np.arange(kh * kw)[None, None, :, None, None]
+    n, c, _, ho, wo = onehot.shape
+    cols = g[:, :, :, None] * onehot[:, None]  # (N, K, C, kh·kw, Ho, Wo)
+    return _scatter(layer.geometry, cols.reshape(n, g.shape[1], c, kh, kw, ho, wo), a)
+
+
+@backprop.register
+def _(layer: AvgPool2d, g, a):
+    """AveragePool: spread each signal evenly over its window (divided by the window count)."""
+    kh, kw = layer.geometry.kernel
+    spread = g / layer.divisor(a.shape[2:])
+    cols = np.broadcast_to(spread[:, :, :, None, None], g.shape[:3] + (kh, kw) + g.shape[3:])
+    return _scatter(layer.geometry, cols, a)
+
+
+@backprop.register
+def _(layer: Dense, g, a):
+    """Dense: gᵀ W, i.e. (N, K, out) @ (out, in)."""
+    return g @ layer.matrix
+
+
+@backprop.register
+def _(layer: Conv2d, g, a):
+    """Conv: the transposed convolution, im2col adjoint of the kernel matrix product."""
+    n, k = g.shape[:2]
+    kh, kw = layer.geometry.kernel
+    ho, wo = g.shape[3:]
+    w = layer.kernel_matrix()  # (G, O, Q)
+    g_mat = g.reshape(n, k, layer.groups, -1, ho * wo)  # (N, K, G, O, P)
+    d_cols = np.matmul(w.transpose(0, 2, 1), g_mat)  # (N, K, G, Q, P)
+    cols = d_cols.reshape(n, k, a.shape[1], kh, kw, ho, wo)
+    return _scatter(layer.geometry, cols, a)
+
+
+# --------------------------------------------------------------- what is measured at θ_d
+
+
+@singledispatch
+def measure(layer: LayerBase, g: np.ndarray, a: np.ndarray):
+    raise NotImplementedError(type(layer).__name__)
+
+
+@measure.register
+def _(layer: Dense, g, a):
+    """Tr_n(W) = c_W² ‖a‖² Σ_k ‖g_k‖² and Tr_n(b) = c_b² Σ_k ‖g_k‖² (no outer products);
+    c_W, c_b are Gemm's alpha and beta (traces are with respect to the initializers)."""
+    signal = np.einsum("nko,nko->n", g, g)
+    t_w = layer.weight_coef ** 2 * np.einsum("ni,ni->n", a, a) * signal
+    t_b = None if layer.bias is None else layer.bias_coef ** 2 * signal
+    return t_w, t_b
+
+
+def conv_trace_flops(layer: Conv2d, in_shape: tuple[int, ...], k: int) -> dict[str, int]:
+    """Multiply-adds per sample of the two exact forms of Tr_n(W) for a conv layer:
+    'im2col' forms g_k Uᵀ (G·K·O·Q·P); 'gram' forms Uᵀ U and Σ_k g_kᵀ g_k (G·P²·(Q + K·O))."""
+    g = layer.groups
+    q = layer.weight[0].size
+    o = layer.out_channels // g
+    ho, wo = layer.geometry.output_hw(in_shape[1:])
+    p = ho * wo
+    return {"im2col": g * k * o * q * p, "gram": g * p * p * (q + k * o)}
+
+
+@measure.register
+def _(layer: Conv2d, g, a):
+    """Tr_n(W) = Σ_k ‖g_k Uᵀ‖²_F = Σ_k ⟨g_kᵀ g_k, Uᵀ U⟩ with U = im2col(a), whichever form
+    needs fewer FLOPs; Tr_n(b) = Σ_k ‖Σ_positions g_k‖²."""
+    n, k = g.shape[:2]
+    u = layer.im2col(a)  # (N, G, Q, P)
+    g_mat = g.reshape(n, k, layer.groups, -1, u.shape[-1])  # (N, K, G, O, P)
+    flops = conv_trace_flops(layer, a.shape[1:], k)
+    if flops["im2col"] <= flops["gram"]:
+        m = np.matmul(g_mat, u.transpose(0, 1, 3, 2)[:, None])  # (N, K, G, O, Q)
+        t_w = np.einsum("nkgoq,nkgoq->n", m, m)
+    else:
+        gram_u = np.matmul(u.transpose(0, 1, 3, 2), u)  # (N, G, P, P)
+        stacked = g_mat.transpose(0, 2, 1, 3, 4).reshape(n, layer.groups, -1, u.shape[-1])
+        gram_g = np.matmul(stacked.transpose(0, 1, 3, 2), stacked)  # Σ_k g_kᵀ g_k
+        t_w = np.einsum("ngpq,ngpq->n", gram_u, gram_g)
+    t_w = layer.weight_coef ** 2 * t_w
+    if layer.bias is None:
+        return t_w, None
+    summed = g.sum(axis=(3, 4))
+    return t_w, layer.bias_coef ** 2 * np.einsum("nkc,nkc->n", summed, summed)
+
+
+# ------------------------------------------------------------------------------ driver
+
+LAYERS_NEEDING_INPUT = (Relu, LeakyRelu, MaxPool2d, Dense, Conv2d)
+
+
+def first_param_index(network: Network) -> int:
+    return next(i for i, l in enumerate(network.layers) if is_parameterised(l))
+
+
+def needed_inputs(network: Network) -> list[int]:
+    """Indices of the layers whose input the engine reads (from the first parameterised on)."""
+    start = first_param_index(network)
+    return [i for i, l in enumerate(network.layers)
+            if i >= start and isinstance(l, LAYERS_NEEDING_INPUT)]
+
+
+def tensor_columns(network: Network) -> list[tuple[int, str, str]]:
+    """(parameterised layer position, 'weight'|'bias', initializer name) in network order."""
+    cols = []
+    for d, layer in enumerate(network.param_layers):
+        cols.append((d, "weight", layer.weight_name))
+        if layer.bias is not None:
+            cols.append((d, "bias", layer.bias_name))
+    return cols
+
+
+def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
+                      logits: np.ndarray) -> np.ndarray:
+    """Per-sample trace contributions, (N, number of parameter tensors), columns in the order
+    of ``tensor_columns``. ``inputs[i]`` is layer i's input (float64) where the engine needs
+    it (``needed_inputs``); other entries may be None. Their mean over samples is Tr H_dd."""
+    shapes = network.layer_shapes()
+    n = logits.shape[0]
+    g = loss_hessian_sqrt(softmax(logits.astype(np.float64)))
+    start = first_param_index(network)
+    results: list[np.ndarray] = []
+    for i in range(len(network.layers) - 1, start - 1, -1):
+        layer = network.layers[i]
+        a = inputs[i]
+        if a is None:  # shape-only layers: a stand-in with the right shape and no data
+            a = np.broadcast_to(np.zeros((), dtype=np.float64), (n,) + shapes[i])
+        if is_parameterised(layer):
+            t_w, t_b = measure(layer, g, a)
+            results.extend([t_b, t_w] if t_b is not None else [t_w])
+        if i > start:
+            g = backprop(layer, g, a)
+    return np.stack(results[::-1], axis=1)
+
+
+def bytes_per_sample(network: Network) -> int:
+    """Rough peak float64 bytes per sample of one engine batch: the stored layer inputs plus
+    the largest layer's K-fold signals and its temporaries (im2col columns, Gram matrices,
+    one-hot arg-max routing)."""
+    k = network.num_classes
+    shapes = network.layer_shapes()
+    stored = sum(int(np.prod(s)) for s in shapes)
+    peak = 0
+    for i in range(first_param_index(network), len(network.layers)):
+        layer, a, z = network.layers[i], int(np.prod(shapes[i])), int(np.prod(shapes[i + 1]))
+        need = 3 * k * (a + z)
+        if isinstance(layer, Conv2d):
+            q = layer.weight[0].size
+            ho, wo = shapes[i + 1][1:]
+            p = ho * wo
+            flops = conv_trace_flops(layer, shapes[i], k)
+            trace_tmp = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] else 2 * layer.groups * p * p
+            need += (k + 1) * layer.groups * q * p + trace_tmp
+        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+            kh, kw = layer.geometry.kernel
+            need += 2 * k * z * kh * kw
+        peak = max(peak, need)
+    return 8 * (stored + peak)

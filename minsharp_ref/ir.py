@@ -1,0 +1,324 @@
+"""Typed layer IR: the network as a chain of layers, each with its float64 NumPy forward.
+
+Every layer remembers the ONNX tensors it reads and writes (``input_name``/``output_name``)
+so that the onnxruntime forward can expose exactly the intermediates the engine needs, and
+the ONNX nodes it came from (``nodes``) so that errors can name them. Parameterised layers
+(``Dense``, ``Conv2d``) keep their parameters exactly as the ONNX initializers store them,
+with the initializer names; everything else is a fixed, positively homogeneous operation
+(spec section 1), except ``InputAffine``, a fixed input transform that may only come before
+the first parameterised layer.
+
+Shapes here are per sample (no batch axis); arrays passed to ``forward`` carry the batch axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+
+from .windows import Geometry, pad_input, windows
+
+
+@dataclass(frozen=True)
+class LayerBase:
+    input_name: str
+    output_name: str
+    nodes: tuple[str, ...]
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return in_shape
+
+
+# --------------------------------------------------------------------------- fixed layers
+
+
+@dataclass(frozen=True)
+class InputAffine(LayerBase):
+    """x ↦ x·scale + shift with constant arrays: input preprocessing baked into the graph
+    (Sub/Div/Mul/Add by constants on the graph input). Not a parameter, not homogeneous:
+    allowed only before the first parameterised layer."""
+
+    scale: np.ndarray = field(default_factory=lambda: np.ones(()))
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(()))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x * self.scale + self.shift
+
+
+@dataclass(frozen=True)
+class Relu(LayerBase):
+    """max(u, 0); back-propagation multiplies by 1[u > 0] (spec section 2)."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+
+@dataclass(frozen=True)
+class LeakyRelu(LayerBase):
+    """u for u ≥ 0, slope·u otherwise (LeakyRelu, or PRelu with a constant slope that
+    broadcasts over the per-sample shape)."""
+
+    slope: np.ndarray = field(default_factory=lambda: np.asarray(0.01))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.where(x >= 0, x, x * self.slope)
+
+
+@dataclass(frozen=True)
+class Reshape(LayerBase):
+    """Flatten / Reshape / Squeeze / Unsqueeze that keep the batch axis: a new per-sample shape."""
+
+    shape: tuple[int, ...] = ()
+
+    def output_shape(self, in_shape):
+        return self.shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape((x.shape[0],) + self.shape)
+
+
+@dataclass(frozen=True)
+class Transpose(LayerBase):
+    """Permutation of the per-sample axes (the batch axis stays first), e.g. NHWC → NCHW."""
+
+    perm: tuple[int, ...] = ()
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape[p] for p in self.perm)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x.transpose((0,) + tuple(p + 1 for p in self.perm))
+
+
+@dataclass(frozen=True)
+class Pad2d(LayerBase):
+    """Zero padding of the two spatial axes of a (C, H, W) tensor: (top, left, bottom, right)."""
+
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def output_shape(self, in_shape):
+        c, h, w = in_shape
+        t, l, b, r = self.pads
+        return (c, h + t + b, w + l + r)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        t, l, b, r = self.pads
+        return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+
+
+@dataclass(frozen=True)
+class MaxPool2d(LayerBase):
+    """Maximum over each window (padding never wins); ties go to the first element in
+    row-major kernel order, as onnxruntime does."""
+
+    geometry: Geometry = Geometry((1, 1))
+
+    def output_shape(self, in_shape):
+        return (in_shape[0],) + self.geometry.output_hw(in_shape[1:])
+
+    def window_argmax(self, x: np.ndarray) -> np.ndarray:
+        """Flat kernel index (0 ≤ i·kw + j < kh·kw) of each window's maximum: (N, C, Ho, Wo)."""
+        out_hw = self.geometry.output_hw(x.shape[2:])
+        cols = windows(pad_input(x, self.geometry, -np.inf), self.geometry, out_hw)
+        n, c, kh, kw, ho, wo = cols.shape
+        return cols.reshape(n, c, kh * kw, ho, wo).argmax(axis=2)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        out_hw = self.geometry.output_hw(x.shape[2:])
+        cols = windows(pad_input(x, self.geometry, -np.inf), self.geometry, out_hw)
+        return cols.max(axis=(2, 3))
+
+
+@dataclass(frozen=True)
+class AvgPool2d(LayerBase):
+    """Mean over each window. With count_include_pad the divisor counts explicit padding
+    (not the overhang of ceil_mode); without, only the input elements in the window."""
+
+    geometry: Geometry = Geometry((1, 1))
+    count_include_pad: bool = False
+
+    def output_shape(self, in_shape):
+        return (in_shape[0],) + self.geometry.output_hw(in_shape[1:])
+
+    def divisor(self, in_hw: tuple[int, int]) -> np.ndarray:
+        """Number of elements each output averages over: (Ho, Wo)."""
+        g = self.geometry
+        h, w = in_hw
+        top, left, bottom, right = g.pads
+        frame = np.zeros((1, 1) + g.padded_hw(in_hw))
+        if self.count_include_pad:
+            frame[:, :, :top + h + bottom, :left + w + right] = 1.0
+        else:
+            frame[:, :, top:top + h, left:left + w] = 1.0
+        return windows(frame, g, g.output_hw(in_hw)).sum(axis=(2, 3))[0, 0]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        out_hw = self.geometry.output_hw(x.shape[2:])
+        cols = windows(pad_input(x, self.geometry, 0.0), self.geometry, out_hw)
+        return cols.sum(axis=(2, 3)) / self.divisor(x.shape[2:])
+
+
+# ------------------------------------------------------------------- parameterised layers
+
+
+@dataclass(frozen=True)
+class Dense(LayerBase):
+    """z = W a + b with W = weight_coef · (weight or weightᵀ) and b = bias_coef · bias.
+
+    ``weight`` is the ONNX initializer as stored: (out, in), or (in, out) when
+    ``weight_transposed`` (MatMul, Gemm with transB = 0). ``weight_coef``/``bias_coef`` are
+    Gemm's alpha/beta. Traces are reported with respect to the initializers themselves.
+    """
+
+    weight_name: str = ""
+    weight: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    bias_name: Optional[str] = None
+    bias: Optional[np.ndarray] = None
+    weight_transposed: bool = False
+    weight_coef: float = 1.0
+    bias_coef: float = 1.0
+
+    @property
+    def kind(self) -> str:
+        return "dense"
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The effective (out, in) matrix W."""
+        w = self.weight.T if self.weight_transposed else self.weight
+        return w if self.weight_coef == 1.0 else self.weight_coef * w
+
+    @property
+    def out_features(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def effective_bias(self) -> Optional[np.ndarray]:
+        if self.bias is None:
+            return None
+        return self.bias_coef * self.bias.reshape(self.out_features)
+
+    def output_shape(self, in_shape):
+        return (self.out_features,)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        z = x @ self.matrix.T
+        b = self.effective_bias
+        return z if b is None else z + b
+
+
+@dataclass(frozen=True)
+class Conv2d(LayerBase):
+    """z = W ⋆ a + b: 2-D cross-correlation, weight (C_out, C_in/groups, kh, kw), any stride,
+    padding, dilation and groups; bias (C_out,) or absent."""
+
+    weight_name: str = ""
+    weight: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 1, 1)))
+    bias_name: Optional[str] = None
+    bias: Optional[np.ndarray] = None
+    geometry: Geometry = Geometry((1, 1))
+    groups: int = 1
+    bias_coef: float = 1.0
+    weight_coef: float = 1.0
+
+    @property
+    def kind(self) -> str:
+        return "conv2d"
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def effective_bias(self) -> Optional[np.ndarray]:
+        if self.bias is None:
+            return None
+        return self.bias_coef * self.bias.reshape(self.out_channels, 1, 1)
+
+    def output_shape(self, in_shape):
+        return (self.out_channels,) + self.geometry.output_hw(in_shape[1:])
+
+    def kernel_matrix(self) -> np.ndarray:
+        """Weight as (groups, C_out/groups, C_in/groups·kh·kw)."""
+        g = self.groups
+        return self.weight_coef * self.weight.reshape(g, self.out_channels // g, -1)
+
+    def im2col(self, x: np.ndarray) -> np.ndarray:
+        """U = im2col(x): (N, groups, C_in/groups·kh·kw, Ho·Wo), rows ordered (c, i, j)."""
+        out_hw = self.geometry.output_hw(x.shape[2:])
+        cols = windows(pad_input(x, self.geometry, 0.0), self.geometry, out_hw)
+        n = x.shape[0]
+        return cols.reshape(n, self.groups, -1, out_hw[0] * out_hw[1])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        out_hw = self.geometry.output_hw(x.shape[2:])
+        z = np.matmul(self.kernel_matrix()[None], self.im2col(x))  # (N, G, C_out/G, P)
+        z = z.reshape((x.shape[0], self.out_channels) + out_hw)
+        b = self.effective_bias
+        return z if b is None else z + b
+
+
+ParamLayer = Union[Dense, Conv2d]
+Layer = Union[InputAffine, Relu, LeakyRelu, Reshape, Transpose, Pad2d, MaxPool2d, AvgPool2d,
+              Dense, Conv2d]
+
+
+def is_parameterised(layer: LayerBase) -> bool:
+    return isinstance(layer, (Dense, Conv2d))
+
+
+@dataclass(frozen=True)
+class Network:
+    """A chain of layers from the graph input to the logits (before any post-processing)."""
+
+    layers: tuple[LayerBase, ...]
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: np.dtype
+    logits_name: str
+    output_name: str
+    opset: int
+    postprocessing: tuple[str, ...] = ()
+
+    @property
+    def param_layers(self) -> list[ParamLayer]:
+        return [l for l in self.layers if is_parameterised(l)]  # type: ignore[misc]
+
+    @property
+    def num_classes(self) -> int:
+        return self.layer_shapes()[-1][0]
+
+    def layer_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape after each layer (input shape first)."""
+        shapes = [self.input_shape]
+        for layer in self.layers:
+            shapes.append(layer.output_shape(shapes[-1]))
+        return shapes
+
+    def forward(self, x: np.ndarray, keep_inputs: bool = False):
+        """Float64 reference forward. Returns logits, or (logits, inputs of every layer)."""
+        a = np.asarray(x, dtype=np.float64)
+        inputs = []
+        for layer in self.layers:
+            if keep_inputs:
+                inputs.append(a)
+            a = layer.forward(a)
+        return (a, inputs) if keep_inputs else a
+
+    def with_parameters(self, params: dict[str, np.ndarray]) -> "Network":
+        """Copy with some initializers replaced (keys: ONNX initializer names)."""
+        import dataclasses
+
+        layers = []
+        for layer in self.layers:
+            if is_parameterised(layer):
+                changes = {}
+                if layer.weight_name in params:
+                    changes["weight"] = params[layer.weight_name]
+                if layer.bias_name is not None and layer.bias_name in params:
+                    changes["bias"] = params[layer.bias_name]
+                layer = dataclasses.replace(layer, **changes)
+            layers.append(layer)
+        return dataclasses.replace(self, layers=tuple(layers))

@@ -1,0 +1,159 @@
+"""Forward passes: onnxruntime (CUDA when it really loads, else CPU) or the IR's own
+float64 NumPy forward (the reference path).
+
+A forward returns the logits and the inputs of the layers the engine reads
+(``engine.needed_inputs``), as float64. For onnxruntime the model is rewritten so that those
+intermediate tensors are its graph outputs (and nothing after the logits is run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from .engine import needed_inputs
+from .errors import MinsharpError
+from .ir import Network
+
+PROVIDERS = ("auto", "cuda", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence native-library logging on file descriptor 2 (CUDA probe error spam)."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+_CUDA_USABLE: Optional[bool] = None
+
+
+def cuda_usable() -> bool:
+    """Whether onnxruntime's CUDA provider really loads: builds a one-node session with it,
+    with the native logging silenced, and checks that CUDA is what the session got."""
+    global _CUDA_USABLE
+    if _CUDA_USABLE is None:
+        import onnxruntime as ort
+
+        _CUDA_USABLE = False
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+            y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+            graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+            model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+            options = ort.SessionOptions()
+            options.log_severity_level = 4
+            try:
+                with _quiet_stderr():
+                    session = ort.InferenceSession(model.SerializeToString(), options,
+                                                   providers=["CUDAExecutionProvider"])
+                    session.run(None, {"x": np.ones(1, np.float32)})
+                _CUDA_USABLE = session.get_providers()[0] == "CUDAExecutionProvider"
+            except Exception:
+                _CUDA_USABLE = False
+    return _CUDA_USABLE
+
+
+class NumpyForward:
+    """The IR's float64 forward: the reference path."""
+
+    name = "numpy"
+
+    def __init__(self, network: Network):
+        self.network = network
+        self.keep = needed_inputs(network)
+
+    def __call__(self, x: np.ndarray):
+        logits, inputs = self.network.forward(x, keep_inputs=True)
+        keep = set(self.keep)
+        return logits, [a if i in keep else None for i, a in enumerate(inputs)]
+
+
+class OrtForward:
+    """onnxruntime forward with the engine's intermediate tensors as extra graph outputs."""
+
+    def __init__(self, proto: onnx.ModelProto, network: Network, provider: str):
+        import onnxruntime as ort
+
+        self.network = network
+        self.keep = needed_inputs(network)
+        names = [network.logits_name] + [network.layers[i].input_name for i in self.keep]
+        self.fetch = [n for n in dict.fromkeys(names) if n != network.input_name]
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(network.input_dtype)
+        del model.graph.output[:]
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem, None) for n in self.fetch)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 0
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+        try:
+            with _quiet_stderr():
+                self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MinsharpError(f"onnxruntime cannot load the model: {first}") from None
+        self.name = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def __call__(self, x: np.ndarray):
+        feed = {self.network.input_name: x.astype(self.network.input_dtype, copy=False)}
+        try:
+            values = self.session.run(self.fetch, feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MinsharpError(f"onnxruntime failed on the model: {first}") from None
+        got = dict(zip(self.fetch, values))
+        got[self.network.input_name] = feed[self.network.input_name]
+        inputs: list = [None] * len(self.network.layers)
+        for i in self.keep:
+            inputs[i] = np.asarray(got[self.network.layers[i].input_name], dtype=np.float64)
+        return np.asarray(got[self.network.logits_name], dtype=np.float64), inputs
+
+
+def make_forward(proto: onnx.ModelProto, network: Network, provider: str):
+    """The forward for --provider auto|cuda|cpu|numpy."""
+    if provider not in PROVIDERS:
+        raise MinsharpError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "numpy":
+        return NumpyForward(network)
+    if provider == "cuda" and not cuda_usable():
+        raise MinsharpError("--provider cuda: onnxruntime's CUDA provider does not load on this machine")
+    if provider == "auto":
+        provider = "cuda" if cuda_usable() else "cpu"
+    return OrtForward(proto, network, provider)
+
+
+#: Fidelity tolerance between onnxruntime's logits and the float64 IR forward:
+#: |ort − ref| ≤ FIDELITY_RTOL · (1 + max |ref|), elementwise (float32 rounding is ~1e-6).
+FIDELITY_RTOL = 1e-4
+
+
+def check_fidelity(proto: onnx.ModelProto, network: Network, x: np.ndarray,
+                   ort_logits: Optional[np.ndarray] = None) -> float:
+    """Compare the IR's float64 logits with onnxruntime's (CPU) on a batch; raise when the
+    import is not faithful. Returns the largest scaled difference."""
+    if ort_logits is None:
+        ort_logits = OrtForward(proto, network, "cpu")(x)[0]
+    ref = network.forward(x)
+    scale = 1.0 + float(np.max(np.abs(ref)))
+    diff = float(np.max(np.abs(ort_logits - ref))) / scale
+    if not diff <= FIDELITY_RTOL:
+        raise MinsharpError(
+            f"the import is not faithful: the IR's logits differ from onnxruntime's by "
+            f"{diff:.3g} (relative to 1 + max |logit|; tolerance {FIDELITY_RTOL:g})")
+    return diff
