@@ -121,10 +121,18 @@ def batch_size_for(network: Network, memory_budget: int, requested: Optional[int
     return int(min(requested or DEFAULT_BATCH_SIZE, fit))
 
 
+PRECISIONS = {"float64": np.float64, "float32": np.float32}
+
+
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
-                provider: str, progress: Optional[Callable[[int], None]] = None):
+                provider: str, progress: Optional[Callable[[int], None]] = None,
+                precision: str = "float64", check: bool = True):
     """Run forward + engine over batches; returns (TraceSums, forward name, fidelity, timings)."""
     network = imported.network
+    if precision not in PRECISIONS:
+        raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
+    dtype = PRECISIONS[precision]
+    signal_network = network if dtype == np.float64 else network.astype(dtype)
     forward = make_forward(imported.proto, network, provider)
     sums = TraceSums(len(tensor_columns(network)))
     t_forward = t_engine = 0.0
@@ -133,11 +141,11 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         t0 = time.perf_counter()
         logits, inputs = forward(x)
         t1 = time.perf_counter()
-        if fidelity is None:
+        if fidelity is None and check:
             fidelity = check_fidelity(imported.proto, network, x,
                                       None if forward.name == "numpy" else logits)
             t1 = time.perf_counter()
-        sums.add(per_sample_traces(network, inputs, logits))
+        sums.add(per_sample_traces(signal_network, inputs, logits, dtype))
         t_engine += time.perf_counter() - t1
         t_forward += t1 - t0
         if labels is not None:
@@ -188,7 +196,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           y_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
           std: Optional[Sequence[float]] = None, limit: Optional[int] = None,
           batch_size: Optional[int] = None, provider: str = "auto",
-          memory_budget: int = DEFAULT_MEMORY_BUDGET,
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
@@ -209,10 +217,11 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         if on_start:
             on_start(dataset.samples)
         sums, provider_used, fidelity, timings = traces_over(
-            imported, batches(dataset, network.input_shape, prep, bs), dataset.y, provider, progress)
+            imported, batches(dataset, network.input_shape, prep, bs), dataset.y, provider,
+            progress, precision)
         data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
                      "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
-                     "batch_size": bs}
+                     "batch_size": bs, "precision": precision}
     finally:
         dataset.close()
     layers, trace, trace_se, ms, ms_se, solver, loss, acc, warnings = summarise(
@@ -229,7 +238,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         warnings=tuple(warnings), timings=timings)
 
 
-def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000):
+def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000,
+                 precision: str = "float64"):
     """Per-tensor mean traces (columns of ``engine.tensor_columns``) and minimum sharpness
     for an in-memory float64 input array already in the model's input shape. ``model`` is
     an .onnx path, a ModelProto or an ImportedModel. For tests and other frameworks' code."""
@@ -244,6 +254,6 @@ def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: i
     else:
         imported = import_model(model)
     xs = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
-    sums, _, _, _ = traces_over(imported, xs, None, provider)
+    sums, _, _, _ = traces_over(imported, xs, None, provider, precision=precision)
     layers, trace, _, ms, _, _, _, _, _ = summarise(imported, sums, False)
     return layers, trace, ms

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .ir import (AvgPool2d, Conv2d, Dense, InputAffine, LayerBase, LeakyRelu, MaxPool2d, Network,
+from .ir import (AvgPool2d, Conv2d, Dense, LayerBase, LeakyRelu, MaxPool2d, Network,
                  Pad2d, Relu, Reshape, Transpose, is_parameterised)
 from .windows import scatter_windows
 
@@ -51,8 +51,8 @@ def backprop(layer: LayerBase, g: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 @backprop.register
 def _(layer: Relu, g, a):
-    """ReLU: multiply by 1[u > 0]."""
-    return g * (a > 0)[:, None]
+    """ReLU: multiply by 1[u > 0] (in place: every rule returns a fresh or owned array)."""
+    return np.multiply(g, (a > 0)[:, None], out=g) if g.flags.writeable else g * (a > 0)[:, None]
 
 
 @backprop.register
@@ -82,50 +82,57 @@ def _(layer: Pad2d, g, a):
     return g[..., t:t + h, l:l + w]
 
 
-def _scatter(layer_geometry, cols: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """col2im of (N, K, C, kh, kw, Ho, Wo) signals back to (N, K, C, H, W)."""
-    n, k = cols.shape[:2]
-    out = scatter_windows(cols.reshape((n * k,) + cols.shape[2:]), layer_geometry, a.shape[2:])
-    return out.reshape((n, k) + out.shape[1:])
-
-
 @backprop.register
 def _(layer: MaxPool2d, g, a):
     """MaxPool: route each signal to its window's arg-max (first index on ties)."""
-    kh, kw = layer.geometry.kernel
-    argmax = layer.window_argmax(a)  # (N, C, Ho, Wo)
-    onehot = argmax[:, :, None] == np.arange(kh * kw)[None, None, :, None, None]
-    n, c, _, ho, wo = onehot.shape
-    cols = g[:, :, :, None] * onehot[:, None]  # (N, K, C, kh·kw, Ho, Wo)
-    return _scatter(layer.geometry, cols.reshape(n, g.shape[1], c, kh, kw, ho, wo), a)
+    kw = layer.geometry.kernel[1]
+    argmax = layer.window_argmax(a)[:, None]  # (N, 1, C, Ho, Wo)
+    return scatter_windows(lambda i, j: g * (argmax == i * kw + j), layer.geometry,
+                           a.shape[2:], g.shape[:3], dtype=g.dtype)
 
 
 @backprop.register
 def _(layer: AvgPool2d, g, a):
     """AveragePool: spread each signal evenly over its window (divided by the window count)."""
-    kh, kw = layer.geometry.kernel
-    spread = g / layer.divisor(a.shape[2:])
-    cols = np.broadcast_to(spread[:, :, :, None, None], g.shape[:3] + (kh, kw) + g.shape[3:])
-    return _scatter(layer.geometry, cols, a)
+    spread = g / layer.divisor(a.shape[2:]).astype(g.dtype)
+    return scatter_windows(lambda i, j: spread, layer.geometry, a.shape[2:], g.shape[:3],
+                           dtype=g.dtype)
 
 
 @backprop.register
 def _(layer: Dense, g, a):
-    """Dense: gᵀ W, i.e. (N, K, out) @ (out, in)."""
-    return g @ layer.matrix
+    """Dense: gᵀ W, i.e. (N·K, out) @ (out, in) as one GEMM."""
+    n, k, out = g.shape
+    return (g.reshape(n * k, out) @ layer.matrix).reshape(n, k, -1)
+
+
+#: Bytes of im2col columns materialised at once in the conv back-propagation.
+CONV_CHUNK_BYTES = 8 * 1024 ** 2
 
 
 @backprop.register
 def _(layer: Conv2d, g, a):
-    """Conv: the transposed convolution, im2col adjoint of the kernel matrix product."""
+    """Conv: the transposed convolution. Per chunk of m signals, one GEMM forms the columns
+    Wᵀ g (G, Q, m·P), which are added back to the input positions they came from (col2im);
+    chunks keep the columns in cache instead of materialising them for the whole batch."""
     n, k = g.shape[:2]
     kh, kw = layer.geometry.kernel
     ho, wo = g.shape[3:]
-    w = layer.kernel_matrix()  # (G, O, Q)
-    g_mat = g.reshape(n, k, layer.groups, -1, ho * wo)  # (N, K, G, O, P)
-    d_cols = np.matmul(w.transpose(0, 2, 1), g_mat)  # (N, K, G, Q, P)
-    cols = d_cols.reshape(n, k, a.shape[1], kh, kw, ho, wo)
-    return _scatter(layer.geometry, cols, a)
+    c = a.shape[1]
+    groups = layer.groups
+    wt = np.ascontiguousarray(layer.kernel_matrix().transpose(0, 2, 1)).astype(g.dtype, copy=False)
+    signals = g.reshape(n * k, groups, -1, ho * wo)  # (NK, G, O, P)
+    chunk = max(1, CONV_CHUNK_BYTES // (g.itemsize * c * kh * kw * ho * wo))
+    out = np.empty((n * k, c) + a.shape[2:], dtype=g.dtype)
+    for s in range(0, n * k, chunk):
+        part = signals[s:s + chunk]
+        m = part.shape[0]
+        stacked = part.transpose(1, 2, 0, 3).reshape(groups, -1, m * ho * wo)  # (G, O, m·P)
+        cols = np.matmul(wt, stacked).reshape(c, kh, kw, m, ho, wo)
+        frame = scatter_windows(lambda i, j: cols[:, i, j], layer.geometry, a.shape[2:],
+                                (c, m), dtype=g.dtype)
+        out[s:s + m] = frame.transpose(1, 0, 2, 3)
+    return out.reshape((n, k) + out.shape[1:])
 
 
 # --------------------------------------------------------------- what is measured at θ_d
@@ -140,8 +147,8 @@ def measure(layer: LayerBase, g: np.ndarray, a: np.ndarray):
 def _(layer: Dense, g, a):
     """Tr_n(W) = c_W² ‖a‖² Σ_k ‖g_k‖² and Tr_n(b) = c_b² Σ_k ‖g_k‖² (no outer products);
     c_W, c_b are Gemm's alpha and beta (traces are with respect to the initializers)."""
-    signal = np.einsum("nko,nko->n", g, g)
-    t_w = layer.weight_coef ** 2 * np.einsum("ni,ni->n", a, a) * signal
+    signal = np.einsum("nko,nko->n", g, g, dtype=np.float64)
+    t_w = layer.weight_coef ** 2 * np.einsum("ni,ni->n", a, a, dtype=np.float64) * signal
     t_b = None if layer.bias is None else layer.bias_coef ** 2 * signal
     return t_w, t_b
 
@@ -167,17 +174,17 @@ def _(layer: Conv2d, g, a):
     flops = conv_trace_flops(layer, a.shape[1:], k)
     if flops["im2col"] <= flops["gram"]:
         m = np.matmul(g_mat, u.transpose(0, 1, 3, 2)[:, None])  # (N, K, G, O, Q)
-        t_w = np.einsum("nkgoq,nkgoq->n", m, m)
+        t_w = np.einsum("nkgoq,nkgoq->n", m, m, dtype=np.float64)
     else:
         gram_u = np.matmul(u.transpose(0, 1, 3, 2), u)  # (N, G, P, P)
         stacked = g_mat.transpose(0, 2, 1, 3, 4).reshape(n, layer.groups, -1, u.shape[-1])
         gram_g = np.matmul(stacked.transpose(0, 1, 3, 2), stacked)  # Σ_k g_kᵀ g_k
-        t_w = np.einsum("ngpq,ngpq->n", gram_u, gram_g)
+        t_w = np.einsum("ngpq,ngpq->n", gram_u, gram_g, dtype=np.float64)
     t_w = layer.weight_coef ** 2 * t_w
     if layer.bias is None:
         return t_w, None
-    summed = g.sum(axis=(3, 4))
-    return t_w, layer.bias_coef ** 2 * np.einsum("nkc,nkc->n", summed, summed)
+    summed = g.sum(axis=(3, 4), dtype=np.float64)
+    return t_w, layer.bias_coef ** 2 * np.einsum("nkc,nkc->n", summed, summed, dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -207,26 +214,30 @@ def tensor_columns(network: Network) -> list[tuple[int, str, str]]:
 
 
 def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
-                      logits: np.ndarray) -> np.ndarray:
+                      logits: np.ndarray, dtype=np.float64) -> np.ndarray:
     """Per-sample trace contributions, (N, number of parameter tensors), columns in the order
-    of ``tensor_columns``. ``inputs[i]`` is layer i's input (float64) where the engine needs
-    it (``needed_inputs``); other entries may be None. Their mean over samples is Tr H_dd."""
+    of ``tensor_columns``. ``inputs[i]`` is layer i's input where the engine needs it
+    (``needed_inputs``); other entries may be None. Their mean over samples is Tr H_dd.
+
+    ``dtype`` is the precision of the signals: float64 (the reference) or float32 (pass a
+    network already cast with ``Network.astype``); results are float64 either way."""
     shapes = network.layer_shapes()
     n = logits.shape[0]
-    g = loss_hessian_sqrt(softmax(logits.astype(np.float64)))
+    g = loss_hessian_sqrt(softmax(logits.astype(np.float64))).astype(dtype, copy=False)
     start = first_param_index(network)
     results: list[np.ndarray] = []
     for i in range(len(network.layers) - 1, start - 1, -1):
         layer = network.layers[i]
         a = inputs[i]
         if a is None:  # shape-only layers: a stand-in with the right shape and no data
-            a = np.broadcast_to(np.zeros((), dtype=np.float64), (n,) + shapes[i])
+            a = np.broadcast_to(np.zeros((), dtype=dtype), (n,) + shapes[i])
+        a = a.astype(dtype, copy=False)
         if is_parameterised(layer):
             t_w, t_b = measure(layer, g, a)
-            results.extend([t_b, t_w] if t_b is not None else [t_w])
+            results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
         if i > start:
             g = backprop(layer, g, a)
-    return np.stack(results[::-1], axis=1)
+    return np.stack(results[::-1], axis=1).astype(np.float64)
 
 
 def bytes_per_sample(network: Network) -> int:

@@ -307,6 +307,20 @@ class Network:
             a = layer.forward(a)
         return (a, inputs) if keep_inputs else a
 
+    def astype(self, dtype) -> "Network":
+        """Copy with every parameter and slope cast to dtype (for the float32 signal path)."""
+        import dataclasses
+
+        def cast(layer):
+            changes = {}
+            for name in ("weight", "bias", "slope"):
+                value = getattr(layer, name, None)
+                if isinstance(value, np.ndarray):
+                    changes[name] = value.astype(dtype)
+            return dataclasses.replace(layer, **changes) if changes else layer
+
+        return dataclasses.replace(self, layers=tuple(cast(l) for l in self.layers))
+
     def with_parameters(self, params: dict[str, np.ndarray]) -> "Network":
         """Copy with some initializers replaced (keys: ONNX initializer names)."""
         import dataclasses

@@ -74,19 +74,22 @@ def windows(padded: np.ndarray, geom: Geometry, out_hw: tuple[int, int]) -> np.n
     )
 
 
-def scatter_windows(cols: np.ndarray, geom: Geometry, in_hw: tuple[int, int]) -> np.ndarray:
-    """Adjoint of ``windows(pad_input(·))``: cols (N, C, kh, kw, Ho, Wo) → (N, C, H, W).
+def scatter_windows(contribution, geom: Geometry, in_hw: tuple[int, int],
+                    lead_shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+    """Adjoint of ``windows(pad_input(·))`` (col2im): returns (*lead_shape, H, W).
 
-    Every window element is added back to the input position it was read from; what falls
-    on padding is dropped.
+    ``contribution(i, j)`` gives the (*lead_shape, Ho, Wo) values that the windows read at
+    kernel offset (i, j); each is added back to the input position it was read from, and
+    what falls on padding is dropped. Loops over the kh·kw offsets only, so a caller never
+    has to materialise all the windows at once.
     """
-    n, c, kh, kw, ho, wo = cols.shape
     hp, wp = geom.padded_hw(in_hw)
-    out = np.zeros((n, c, hp, wp), dtype=cols.dtype)
-    (st_h, st_w), (d_h, d_w) = geom.stride, geom.dilation
+    ho, wo = geom.output_hw(in_hw)
+    out = np.zeros(tuple(lead_shape) + (hp, wp), dtype=dtype)
+    (kh, kw), (st_h, st_w), (d_h, d_w) = geom.kernel, geom.stride, geom.dilation
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i * d_h:i * d_h + (ho - 1) * st_h + 1:st_h,
-                j * d_w:j * d_w + (wo - 1) * st_w + 1:st_w] += cols[:, :, i, j]
+            out[..., i * d_h:i * d_h + (ho - 1) * st_h + 1:st_h,
+                j * d_w:j * d_w + (wo - 1) * st_w + 1:st_w] += contribution(i, j)
     top, left = geom.pads[0], geom.pads[1]
-    return out[:, :, top:top + in_hw[0], left:left + in_hw[1]]
+    return out[..., top:top + in_hw[0], left:left + in_hw[1]]

@@ -1,0 +1,148 @@
+"""α-invariance, checked: rescale the network by α drawn with hypothesis, re-score it, and
+compare minimum sharpness (invariant by construction) with the naive trace (which follows
+Proposition 2 and can be made arbitrarily large or small)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .api import summarise, traces_over
+from .onnx_import import ImportedModel
+from .rescale import alpha_parameters, apply_to_proto
+
+INVARIANCE_SCHEMA = "minsharp-ref/invariance/v1"
+#: Default tolerance on |MS_α − MS| / MS per forward path.
+DEFAULT_RTOL = {"numpy": 1e-9, "cpu": 1e-4, "cuda": 1e-4, "auto": 1e-4}
+
+
+@dataclass(frozen=True)
+class Trial:
+    alpha: tuple[float, ...]
+    trace: float
+    minimum_sharpness: float
+    deviation: float
+
+
+@dataclass
+class InvarianceResult:
+    model: dict
+    data: dict
+    provider: str
+    rtol: float
+    seed: int
+    spread: float
+    base_trace: float
+    base_minimum_sharpness: float
+    trials: list[Trial] = field(default_factory=list)
+    falsifying_alpha: Optional[tuple[float, ...]] = None
+
+    @property
+    def max_deviation(self) -> float:
+        return max((t.deviation for t in self.trials), default=0.0)
+
+    @property
+    def trace_ratio(self) -> float:
+        traces = [t.trace for t in self.trials] + [self.base_trace]
+        return max(traces) / min(traces)
+
+    @property
+    def passed(self) -> bool:
+        return self.falsifying_alpha is None and self.max_deviation <= self.rtol
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{verdict}: max minimum-sharpness deviation {self.max_deviation:.3g} "
+                f"(rtol {self.rtol:g}) over {len(self.trials)} draws; naive trace max/min "
+                f"ratio {self.trace_ratio:.3g}")
+
+    def to_dict(self) -> dict:
+        from . import __version__
+        from .api import _json_safe
+
+        return _json_safe({
+            "schema": INVARIANCE_SCHEMA, "minsharp_ref_version": __version__,
+            "model": self.model, "data": self.data, "provider": self.provider,
+            "rtol": self.rtol, "seed": self.seed, "spread_decades": self.spread,
+            "base": {"trace": self.base_trace, "minimum_sharpness": self.base_minimum_sharpness},
+            "trials": [dataclasses.asdict(t) for t in self.trials],
+            "max_deviation": self.max_deviation, "trace_ratio": self.trace_ratio,
+            "falsifying_alpha": self.falsifying_alpha, "passed": self.passed,
+        })
+
+
+def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, check: bool):
+    sums, used, _, _ = traces_over(imported, iter(batches), None, provider, check=check)
+    _, trace, _, ms, *_ = summarise(imported, sums, False)
+    return trace, ms, used
+
+
+def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
+    """The model with spec section 3 applied (in memory; the proto only where onnxruntime
+    needs it)."""
+    params = alpha_parameters(imported.network, alpha)
+    proto = imported.proto if provider == "numpy" else apply_to_proto(imported.proto, params)
+    return ImportedModel(imported.path, "", proto, imported.network.with_parameters(params))
+
+
+def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, provider: str,
+                     trials: int, seed: int, spread: float, rtol: Optional[float],
+                     data_info: dict, on_trial: Optional[Callable[[Trial], None]] = None,
+                     transform: Callable = rescaled_model) -> InvarianceResult:
+    """Draw α with hypothesis (log-uniform over ``spread`` decades, plus the extremes and
+    values next to 1), re-score, and let hypothesis shrink any α whose minimum sharpness
+    deviates by more than rtol to a minimal failing one."""
+    from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis import strategies as st
+
+    base_trace, base_ms, used = _score(imported, batches, provider, check=True)
+    tol = DEFAULT_RTOL.get(used, 1e-4) if rtol is None else rtol
+    result = InvarianceResult(
+        model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
+        provider=used, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
+        base_minimum_sharpness=base_ms)
+    d = len(imported.network.param_layers)
+    half = spread / 2
+    exponent = st.one_of(st.floats(-half, half, allow_nan=False),
+                         st.sampled_from([-half, half, 0.0, 1e-9, -1e-9]))
+    failing: list = []
+    seen: set = set()
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=trials, database=None, deadline=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
+              report_multiple_bugs=False, verbosity=Verbosity.quiet)
+    @given(st.lists(exponent, min_size=d, max_size=d))
+    def draw(log10_alpha):
+        log10 = np.asarray(log10_alpha) - np.mean(log10_alpha)
+        alpha = 10.0 ** log10
+        key = tuple(np.round(log10, 12))
+        assume(failing or key not in seen)  # distinct draws only (the shrink phase may repeat)
+        seen.add(key)
+        trace, ms, _ = _score(transform(imported, alpha, provider), batches, provider, check=False)
+        deviation = abs(ms - base_ms) / base_ms if base_ms > 0 else abs(ms)
+        trial = Trial(tuple(alpha.tolist()), trace, ms, deviation)
+        if not failing:
+            result.trials.append(trial)
+            if on_trial:
+                on_trial(trial)
+        if not deviation <= tol:
+            failing.append(trial)
+            raise AssertionError("minimum sharpness moved")
+
+    try:
+        draw()
+    except AssertionError:
+        result.falsifying_alpha = failing[-1].alpha  # hypothesis ends on the shrunk example
+    return result
+
+
+def load_batches(dataset, input_shape, prep, batch_size) -> list[np.ndarray]:
+    from .data import batches
+
+    return list(batches(dataset, input_shape, prep, batch_size))

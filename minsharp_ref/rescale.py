@@ -1,0 +1,162 @@
+"""Function-preserving rescalings of a network's parameters (spec sections 3 and 5).
+
+* α-scale transformation (spec section 3): W_d → α_d W_d, b_d → c_d b_d with
+  c_d = Π_{j≤d} α_j and Π_d α_d = 1.
+* Neuron-wise rescaling (spec section 5): unit (or channel) i of layer d gets its incoming
+  weights and bias scaled by γ_{d,i} > 0 and its outgoing weights by 1/γ_{d,i}.
+
+Both positive homogeneity arguments need only that the operations between parameterised
+layers are positively homogeneous, per unit for the neuron-wise one. The transforms return
+new initializer values keyed by ONNX initializer name, applied to the IR with
+``Network.with_parameters`` and to the ONNX model with ``apply_to_proto``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import MinsharpError
+from .ir import Conv2d, Dense, Network, is_parameterised
+
+
+def check_alpha(network: Network, alpha: Sequence[float], normalize: bool = False) -> np.ndarray:
+    """Validate α: one positive finite value per parameterised layer with Π α_d = 1
+    (to 1e-9 in log), or divide by the geometric mean when ``normalize``."""
+    a = np.asarray(alpha, dtype=np.float64)
+    d = len(network.param_layers)
+    if a.shape != (d,):
+        raise MinsharpError(f"--alpha needs {d} values (one per parameterised layer), got {a.size}")
+    if not np.all(np.isfinite(a)) or np.any(a <= 0):
+        raise MinsharpError(f"--alpha values must be positive and finite, got {a.tolist()}")
+    log_a = np.log(a)
+    if normalize:
+        return np.exp(log_a - log_a.mean())
+    if abs(log_a.sum()) > 1e-9:
+        raise MinsharpError(f"the product of --alpha is {math.exp(log_a.sum()):.12g}, not 1 "
+                            "(use --normalize to divide by the geometric mean)")
+    return a
+
+
+def random_alpha(d: int, rng: np.random.Generator, spread: float) -> np.ndarray:
+    """Log-uniform α over ``spread`` decades around 1, normalised to Π α = 1 in log space."""
+    log10 = rng.uniform(-spread / 2, spread / 2, size=d)
+    log10 -= log10.mean()
+    return 10.0 ** log10
+
+
+def alpha_parameters(network: Network, alpha: np.ndarray) -> dict[str, np.ndarray]:
+    """Spec section 3 on the stored initializers: weight × α_d, bias × c_d."""
+    params = {}
+    c = np.cumprod(alpha)
+    for d, layer in enumerate(network.param_layers):
+        params[layer.weight_name] = layer.weight * alpha[d]
+        if layer.bias is not None:
+            params[layer.bias_name] = layer.bias * c[d]
+    return params
+
+
+def _out_axis(layer) -> int:
+    """Axis of the stored weight that indexes output units."""
+    return 1 if isinstance(layer, Dense) and layer.weight_transposed else 0
+
+
+def _in_axis(layer) -> int:
+    return 0 if isinstance(layer, Dense) and layer.weight_transposed else 1
+
+
+def _channel_routing(network: Network, start: int, stop: int) -> np.ndarray:
+    """For the fixed layers between parameterised layers at positions start and stop: the
+    output channel of layer ``start`` that feeds each input element of layer ``stop``
+    (−1 where none does, e.g. padding). Found by pushing one indicator per channel through
+    the fixed layers."""
+    shapes = network.layer_shapes()
+    out_shape, in_shape = shapes[start + 1], shapes[stop]
+    channels = out_shape[0]
+    x = np.zeros((channels,) + out_shape)
+    x[np.arange(channels), np.arange(channels)] = 1.0
+    for layer in network.layers[start + 1:stop]:
+        x = layer.forward(x)
+    reached = x.reshape(channels, -1) > 0
+    if np.any(reached.sum(axis=0) > 1):
+        raise MinsharpError("the operations between two layers mix channels; neuron-wise "
+                            "rescaling is not function-preserving here")
+    owner = np.where(reached.any(axis=0), reached.argmax(axis=0), -1)
+    return owner.reshape(in_shape)
+
+
+def neuron_parameters(network: Network, rng: np.random.Generator,
+                      spread: float) -> dict[str, np.ndarray]:
+    """Spec section 5 with random γ_{d,i}, log-uniform over ``spread`` decades, for every
+    hidden unit (channel) of every parameterised layer but the last."""
+    positions = [i for i, l in enumerate(network.layers) if is_parameterised(l)]
+    params = {}
+    incoming = {}  # layer position → scale per input element of that layer
+    for k, pos in enumerate(positions):
+        layer = network.layers[pos]
+        weight = layer.weight.copy()
+        if pos in incoming:
+            scale = incoming[pos]
+            if isinstance(layer, Dense):
+                shape = [1, 1]
+                shape[_in_axis(layer)] = -1
+                weight = weight * scale.reshape(shape)
+            else:  # conv: input channel c of group g is column c − g·C_in/groups
+                per_channel = scale.reshape(scale.shape[0], -1)
+                if not np.all(per_channel == per_channel[:, :1]):
+                    raise MinsharpError("a conv input channel is fed by several units")
+                col = per_channel[:, 0]
+                cg = weight.shape[1]
+                group_of_out = np.arange(weight.shape[0]) // (weight.shape[0] // layer.groups)
+                idx = group_of_out[:, None] * cg + np.arange(cg)[None, :]
+                weight = weight * col[idx][:, :, None, None]
+        if k < len(positions) - 1:
+            units = layer.out_features if isinstance(layer, Dense) else layer.out_channels
+            gamma = 10.0 ** rng.uniform(-spread / 2, spread / 2, size=units)
+            shape = [1] * weight.ndim
+            shape[_out_axis(layer)] = -1
+            weight = weight * gamma.reshape(shape)
+            if layer.bias is not None:
+                params[layer.bias_name] = (layer.bias.reshape(-1) * gamma).reshape(layer.bias.shape)
+            nxt = positions[k + 1]
+            owner = _channel_routing(network, pos, nxt)
+            inv = np.where(owner >= 0, 1.0 / gamma[np.maximum(owner, 0)], 1.0)
+            incoming[nxt] = inv
+        params[layer.weight_name] = weight
+    return params
+
+
+def apply_to_proto(proto: onnx.ModelProto, params: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Copy of the model with the named initializers (or Constant-node values) replaced,
+    each keeping its name, dtype and position; nothing else changes."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    done = set()
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in params:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            new = numpy_helper.from_array(params[init.name].reshape(tuple(init.dims)).astype(dtype), init.name)
+            model.graph.initializer[i].CopyFrom(new)
+            done.add(init.name)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in params:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(attr.t.data_type)
+                    attr.t.CopyFrom(numpy_helper.from_array(
+                        params[node.output[0]].reshape(tuple(attr.t.dims)).astype(dtype), attr.t.name))
+                    done.add(node.output[0])
+    missing = set(params) - done
+    if missing:
+        raise MinsharpError(f"cannot rescale parameters {sorted(missing)}: not initializers or Constant values")
+    return model
+
+
+def logits_agree(a: np.ndarray, b: np.ndarray, rtol: float) -> tuple[bool, float]:
+    """|a − b| ≤ rtol · (1 + max |a|) elementwise; returns (agree, scaled max difference)."""
+    diff = float(np.max(np.abs(a - b))) / (1.0 + float(np.max(np.abs(a))))
+    return diff <= rtol, diff
