@@ -714,7 +714,7 @@ def convert(model: onnx.ModelProto, path: Path = Path("<model>")) -> ir.Network:
     logits = ctx.logits or ctx.live
     if not ctx.has_params:
         raise MinsharpError("the network has no parameterised layer (Gemm, MatMul, Conv)")
-    if ctx.logits is None and logits not in {o.name for o in graph.output}:
+    if ctx.logits is None and logits not in {ctx.canonical(o.name) for o in graph.output}:
         raise MinsharpError(f'the end of the chain "{logits}" is not a graph output')
     shape = ctx.shapes[logits]
     if len(shape) != 1 or shape[0] < 2:

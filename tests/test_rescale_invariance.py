@@ -1,0 +1,128 @@
+"""`rescale` and `invariance`: function-preserving transforms and the invariance check."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from conftest import FIXTURES, MNIST
+from minsharp_ref.api import score_arrays
+from minsharp_ref.data import Preprocessing, batches, open_dataset
+from minsharp_ref.cli import app
+from minsharp_ref.invariance import check_invariance
+from minsharp_ref.onnx_import import ImportedModel, import_model
+from minsharp_ref.rescale import alpha_parameters, apply_to_proto, neuron_parameters
+
+runner = CliRunner()
+NORM = ["--mean", "0.5", "--std", "0.5"]
+
+
+def _inits(path):
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _x(n=200):
+    ds = open_dataset(MNIST, limit=n)
+    try:
+        return next(batches(ds, (1, 28, 28), Preprocessing([0.5], [0.5]), n))
+    finally:
+        ds.close()
+
+
+def test_rescale_alpha_round_trip(tmp_path):
+    src, out = FIXTURES / "mlp_torchscript.onnx", tmp_path / "scaled.onnx"
+    r = runner.invoke(app, ["rescale", str(src), "-o", str(out), "--alpha", "4,0.5,0.5",
+                            "--data", str(MNIST), *NORM])
+    assert r.exit_code == 0, r.output
+    before, after = _inits(src), _inits(out)
+    alpha, c = [4, 0.5, 0.5], np.cumprod([4, 0.5, 0.5])
+    for d, idx in enumerate(["1", "3", "5"]):
+        np.testing.assert_array_equal(after[f"{idx}.weight"], (before[f"{idx}.weight"] * np.float32(alpha[d])))
+        np.testing.assert_allclose(after[f"{idx}.bias"], before[f"{idx}.bias"] * c[d], rtol=1e-7)
+    # every non-initializer part of the graph is unchanged
+    g0, g1 = onnx.load(str(src)).graph, onnx.load(str(out)).graph
+    assert [n.SerializeToString() for n in g0.node] == [n.SerializeToString() for n in g1.node]
+    assert g0.input == g1.input and g0.output == g1.output
+    # the rescaled model has the same minimum sharpness and a different naive trace
+    x = _x()
+    _, t0, ms0 = score_arrays(import_model(src), x, provider="numpy")
+    _, t1, ms1 = score_arrays(import_model(out), x, provider="numpy")
+    assert ms1 == pytest.approx(ms0, rel=1e-6)  # float32 storage of the rescaled weights
+    assert abs(t1 - t0) > 0.1 * t0
+
+
+@pytest.mark.parametrize("fixture", ["smallcnn_torchscript", "cnn_avgpool_strided", "mlp_nobias"])
+def test_neuron_rescaling_preserves_function(fixture):
+    imported = import_model(FIXTURES / f"{fixture}.onnx")
+    net = imported.network
+    x = _x(20)
+    params = neuron_parameters(net, np.random.default_rng(0), 6.0)
+    z0, z1 = net.forward(x), net.with_parameters(params).forward(x)
+    np.testing.assert_allclose(z1, z0, rtol=0, atol=1e-11 * np.abs(z0).max())
+    assert any(not np.allclose(params[l.weight_name], l.weight) for l in net.param_layers)
+    # the ONNX model with the same values computes the same in onnxruntime
+    proto = apply_to_proto(imported.proto, params)
+    from minsharp_ref.runtime import OrtForward
+    z_ort = OrtForward(proto, net.with_parameters(params), "cpu")(x)[0]
+    np.testing.assert_allclose(z_ort, z0, atol=1e-4 * (1 + np.abs(z0).max()))
+
+
+def test_rescale_refuses_bad_alpha(tmp_path):
+    out = tmp_path / "x.onnx"
+    for args, text in [(["--alpha", "2,3,4"], "the product of --alpha is 24"),
+                       (["--alpha", "1,1"], "needs 3 values"),
+                       (["--alpha", "-1,-1,1"], "positive and finite"),
+                       ([], "exactly one of --alpha, --random or --neurons")]:
+        r = runner.invoke(app, ["rescale", str(FIXTURES / "mlp_torchscript.onnx"), "-o", str(out), *args])
+        assert r.exit_code == 2 and text in r.stderr, (args, r.output)
+    assert not out.exists()
+
+
+def test_invariance_command_passes_on_fixture(tmp_path):
+    out = tmp_path / "inv.json"
+    r = runner.invoke(app, ["invariance", str(FIXTURES / "mlp_torchscript.onnx"), "--data", str(MNIST),
+                            *NORM, "--limit", "200", "--trials", "20", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "PASS: max minimum-sharpness deviation" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "minsharp-ref/invariance/v1" and doc["passed"]
+    assert len(doc["trials"]) == 20 and doc["max_deviation"] <= 1e-9
+    assert doc["trace_ratio"] > 100  # the naive trace really moved
+    assert all(abs(np.prod(t["alpha"]) - 1) < 1e-9 for t in doc["trials"])
+
+
+def _wrong_transform(imported, alpha, provider):
+    """A deliberately wrong α-scaling: weights scaled, biases left alone."""
+    params = {l.weight_name: l.weight * a for l, a in zip(imported.network.param_layers, alpha)}
+    return ImportedModel(imported.path, "", apply_to_proto(imported.proto, params),
+                         imported.network.with_parameters(params))
+
+
+def test_invariance_check_can_fail_and_shrinks():
+    imported = import_model(FIXTURES / "mlp_torchscript.onnx")
+    x = _x(100)
+    result = check_invariance(imported, [x], provider="numpy", trials=30, seed=1, spread=6.0,
+                              rtol=1e-9, data_info={}, transform=_wrong_transform)
+    assert not result.passed and result.falsifying_alpha is not None
+    first_failure = next(t for t in result.trials if t.deviation > 1e-9)
+    # hypothesis shrank the failure to a simpler α, which really fails
+    spread = lambda alpha: np.ptp(np.log10(alpha))  # noqa: E731
+    assert spread(result.falsifying_alpha) < spread(first_failure.alpha)
+    shrunk = _wrong_transform(imported, np.array(result.falsifying_alpha), "numpy")
+    _, _, ms_wrong = score_arrays(shrunk, x, provider="numpy")
+    _, _, ms = score_arrays(imported, x, provider="numpy")
+    assert abs(ms_wrong - ms) > 1e-6 * ms
+
+
+def test_alpha_parameters_follow_section_3():
+    net = import_model(FIXTURES / "mlp_torchscript.onnx").network
+    alpha = np.array([10.0, 0.01, 10.0])
+    p = alpha_parameters(net, alpha)
+    c = np.cumprod(alpha)
+    for d, layer in enumerate(net.param_layers):
+        np.testing.assert_array_equal(p[layer.weight_name], layer.weight * alpha[d])
+        np.testing.assert_array_equal(p[layer.bias_name], layer.bias * c[d])
+    assert c[-1] == pytest.approx(1.0)
