@@ -22,6 +22,8 @@ from .sharpness import minimum_sharpness
 SCORE_SCHEMA = "minsharp-ref/score/v1"
 DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
 DEFAULT_BATCH_SIZE = 1000
+#: Samples of the first batch on which the IR and onnxruntime logits are compared.
+FIDELITY_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,9 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         logits, inputs = forward(x)
         t1 = time.perf_counter()
         if fidelity is None and check:
-            fidelity = check_fidelity(imported.proto, network, x,
-                                      None if forward.name == "numpy" else logits)
+            m = FIDELITY_SAMPLES
+            fidelity = check_fidelity(imported.proto, network, x[:m],
+                                      None if forward.name == "numpy" else logits[:m])
             t1 = time.perf_counter()
         sums.add(per_sample_traces(signal_network, inputs, logits, dtype))
         t_engine += time.perf_counter() - t1

@@ -36,9 +36,23 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def loss_hessian_sqrt(p: np.ndarray) -> np.ndarray:
-    """S with SᵀS = diag(p) − ppᵀ, per sample: S[n, k, :] = √p_k (e_k − p). Shape (N, K, K)."""
-    k = p.shape[1]
-    return np.sqrt(p)[:, :, None] * (np.eye(k)[None] - p[:, None, :])
+    """A factor S with SᵀS = A = diag(p) − ppᵀ per sample, as (N, K − 1, K) signals.
+
+    Spec section 2 uses the K rows S_k = √p_k (e_k − p), which satisfy Σ_k √p_k S_k = 0. So
+    the row of the largest probability, m, is S_m = −Σ_{k≠m} v_k S_k with v_k = √(p_k/p_m),
+    and with R the other K − 1 rows, A = Rᵀ(I + vvᵀ)R. Since (I + c vvᵀ)² = I + vvᵀ for
+    c = 1/(1 + √(1 + ‖v‖²)), the K − 1 rows (I + c vvᵀ)R are an exact factor: one signal
+    fewer to back-propagate, with no decomposition (v_k ≤ 1, nothing is divided by a small
+    number).
+    """
+    n, k = p.shape
+    top = np.argmax(p, axis=1)
+    rows = np.arange(k - 1)[None, :] + (np.arange(k - 1)[None, :] >= top[:, None])  # k ≠ m
+    p_rows = np.take_along_axis(p, rows, axis=1)
+    r = np.sqrt(p_rows)[:, :, None] * (np.eye(k)[rows] - p[:, None, :])  # (N, K−1, K)
+    v = np.sqrt(p_rows / p[np.arange(n), top][:, None])
+    c = 1.0 / (1.0 + np.sqrt(1.0 + np.einsum("nk,nk->n", v, v)))
+    return r + (c[:, None] * v)[:, :, None] * np.einsum("nk,nkj->nj", v, r)[:, None, :]
 
 
 # ------------------------------------------------------------------ signal back-propagation
@@ -85,9 +99,21 @@ def _(layer: Pad2d, g, a):
 @backprop.register
 def _(layer: MaxPool2d, g, a):
     """MaxPool: route each signal to its window's arg-max (first index on ties)."""
-    kw = layer.geometry.kernel[1]
+    geom = layer.geometry
+    (kh, kw), n, k = geom.kernel, g.shape[0], g.shape[1]
     argmax = layer.window_argmax(a)[:, None]  # (N, 1, C, Ho, Wo)
-    return scatter_windows(lambda i, j: g * (argmax == i * kw + j), layer.geometry,
+    ho, wo = g.shape[3:]
+    if geom.stride == geom.kernel and geom.pads == (0, 0, 0, 0) and geom.dilation == (1, 1) \
+            and ho * kh <= a.shape[2] and wo * kw <= a.shape[3]:
+        # non-overlapping windows: one broadcast product, no scatter
+        onehot = argmax.reshape(n, 1, -1, ho, 1, wo, 1) == (
+            np.arange(kh)[:, None, None] * kw + np.arange(kw)).reshape(1, 1, 1, 1, kh, 1, kw)
+        out = np.zeros(g.shape[:3] + a.shape[2:], dtype=g.dtype)
+        out[..., :ho * kh, :wo * kw] = (g[:, :, :, :, None, :, None] * onehot).reshape(
+            g.shape[:3] + (ho * kh, wo * kw))
+        return out
+    buf = np.empty_like(g)
+    return scatter_windows(lambda i, j: np.multiply(g, argmax == i * kw + j, out=buf), geom,
                            a.shape[2:], g.shape[:3], dtype=g.dtype)
 
 
