@@ -16,7 +16,7 @@ from .engine import bytes_per_sample, per_sample_traces, softmax, tensor_columns
 from .errors import MinsharpError
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
-from .runtime import FIDELITY_RTOL, check_fidelity, make_forward
+from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, make_forward
 from .sharpness import minimum_sharpness
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
@@ -126,10 +126,24 @@ def batch_size_for(network: Network, memory_budget: int, requested: Optional[int
 PRECISIONS = {"float64": np.float64, "float32": np.float32}
 
 
+@dataclass
+class EngineRun:
+    """What one pass over the data produced."""
+
+    sums: TraceSums
+    provider: str
+    fidelity: Optional[float]
+    timings: dict
+    diagonal: Optional[dict] = None  # initializer name → diag H (mean over samples)
+    per_sample: Optional[np.ndarray] = None  # (N, tensors), columns of tensor_columns
+    warnings: list = field(default_factory=list)
+
+
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
-                precision: str = "float64", check: bool = True):
-    """Run forward + engine over batches; returns (TraceSums, forward name, fidelity, timings)."""
+                precision: str = "float64", check: bool = True, diagonal: bool = False,
+                per_sample: bool = False) -> EngineRun:
+    """Run forward + engine over batches, accumulating in float64."""
     network = imported.network
     if precision not in PRECISIONS:
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
@@ -139,16 +153,30 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     sums = TraceSums(len(tensor_columns(network)))
     t_forward = t_engine = 0.0
     fidelity = None
+    diag_sums: Optional[dict] = None
+    rows = []
+    warnings = []
     for x in xs:
         t0 = time.perf_counter()
         logits, inputs = forward(x)
         t1 = time.perf_counter()
         if fidelity is None and check:
             m = FIDELITY_SAMPLES
-            fidelity = check_fidelity(imported.proto, network, x[:m],
-                                      None if forward.name == "numpy" else logits[:m])
+            try:
+                fidelity = check_fidelity(imported.proto, network, x[:m],
+                                          None if forward.name == "numpy" else logits[:m])
+            except OrtUnavailable as exc:  # only reachable on the numpy path
+                warnings.append(f"import fidelity not checked: {exc}")
+            check = False
             t1 = time.perf_counter()
-        sums.add(per_sample_traces(signal_network, inputs, logits, dtype))
+        if diagonal:
+            traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True)
+            diag_sums = diag if diag_sums is None else {k: diag_sums[k] + v for k, v in diag.items()}
+        else:
+            traces = per_sample_traces(signal_network, inputs, logits, dtype)
+        sums.add(traces)
+        if per_sample:
+            rows.append(traces)
         t_engine += time.perf_counter() - t1
         t_forward += t1 - t0
         if labels is not None:
@@ -159,7 +187,12 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             sums.correct += int(np.sum(np.argmax(logits, axis=1) == y))
         if progress:
             progress(len(x))
-    return sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine}
+    if sums.n == 0:
+        raise MinsharpError("no samples to score")
+    return EngineRun(
+        sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
+        None if diag_sums is None else {k: v / sums.n for k, v in diag_sums.items()},
+        np.concatenate(rows) if per_sample else None, warnings)
 
 
 def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
@@ -172,13 +205,15 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
     for (layer, which, _), value in zip(cols, mean):
         (t if which == "weight" else u)[layer] = value
     ms = minimum_sharpness(t, u)
-    alpha = np.asarray(ms.alpha)
-    c = np.cumprod(alpha)
-    grad = np.array([1 / alpha[l] ** 2 if w == "weight" else 1 / c[l] ** 2 for l, w, _ in cols])
     warnings = []
     for l in ms.dead_layers:
         warnings.append(f'layer {l + 1} ("{network.param_layers[l].nodes[0]}") has zero weight '
-                        "trace (dead layer): minimum sharpness is 0 and not attained")
+                        f"trace (a dead layer): minimum sharpness {ms.value:.6g} is an infimum, "
+                        "not attained by any rescaling")
+    if not ms.converged:
+        warnings.append(f"the minimum-sharpness solver stopped after {ms.iterations} steps with "
+                        f"relative gradient {ms.gradient_norm:.2g}")
+    alpha = None if ms.alpha is None else np.asarray(ms.alpha)
     layers = []
     for i, layer in enumerate(network.param_layers):
         has_bias = layer.bias is not None
@@ -187,9 +222,14 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
             bias=layer.bias_name if has_bias else None,
             weight_shape=tuple(int(s) for s in layer.weight.shape),
             trace_weight=float(t[i]), trace_bias=float(u[i]) if has_bias else None,
-            alpha=None if ms.dead_layers else float(alpha[i])))
-    ms_se = None if ms.dead_layers else sums.stderr(grad)
-    solver = {"method": ms.method, "iterations": ms.iterations, "gradient_norm": ms.gradient_norm}
+            alpha=None if alpha is None else float(alpha[i])))
+    ms_se = None
+    if alpha is not None:  # envelope theorem: ∂MS/∂t_d = 1/α_d², ∂MS/∂u_d = 1/c_d²
+        c = np.cumprod(alpha)
+        grad = np.array([1 / alpha[l] ** 2 if w == "weight" else 1 / c[l] ** 2 for l, w, _ in cols])
+        ms_se = sums.stderr(grad)
+    solver = {"method": ms.method, "iterations": ms.iterations, "gradient_norm": ms.gradient_norm,
+              "converged": ms.converged}
     loss = sums.loss / sums.n if has_labels else None
     acc = sums.correct / sums.n if has_labels else None
     return layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se, solver, loss, acc, warnings
@@ -200,12 +240,16 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           std: Optional[Sequence[float]] = None, limit: Optional[int] = None,
           batch_size: Optional[int] = None, provider: str = "auto",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
+          diagonal: bool = False, per_sample: bool = False,
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
-    Raises ``MinsharpError`` on bad input.
+    With ``diagonal`` the result's ``diagonal`` attribute holds the exact Hessian diagonal of
+    every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
+    attribute holds each sample's trace contributions (N, tensors). Raises ``MinsharpError``
+    on bad input.
     """
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(model)
@@ -219,33 +263,38 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         bs = batch_size_for(network, memory_budget, batch_size)
         if on_start:
             on_start(dataset.samples)
-        sums, provider_used, fidelity, timings = traces_over(
-            imported, batches(dataset, network.input_shape, prep, bs), dataset.y, provider,
-            progress, precision)
+        run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), dataset.y,
+                          provider, progress, precision, diagonal=diagonal, per_sample=per_sample)
+        sums = run.sums
         data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
                      "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
-                     "batch_size": bs, "precision": precision}
+                     "batch_size": min(bs, sums.n), "precision": precision}
     finally:
         dataset.close()
     layers, trace, trace_se, ms, ms_se, solver, loss, acc, warnings = summarise(
         imported, sums, dataset.y is not None)
-    timings = {"import_s": t_import, **timings, "total_s": time.perf_counter() - start}
-    return ScoreResult(
+    warnings = run.warnings + warnings
+    timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
+    result = ScoreResult(
         model={"path": str(imported.path), "sha256": imported.sha256, "opset": network.opset,
                "input": network.input_name, "input_shape": list(network.input_shape),
                "logits": network.logits_name, "classes": network.num_classes},
-        data=data_info, provider=provider_used, layers=tuple(layers), trace=trace,
+        data=data_info, provider=run.provider, layers=tuple(layers), trace=trace,
         trace_stderr=trace_se, minimum_sharpness=ms, minimum_sharpness_stderr=ms_se,
         solver=solver, loss=loss, accuracy=acc, postprocessing=network.postprocessing,
-        fidelity={"max_scaled_difference": fidelity, "tolerance": FIDELITY_RTOL},
+        fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(warnings), timings=timings)
+    object.__setattr__(result, "diagonal", run.diagonal)
+    object.__setattr__(result, "per_sample", run.per_sample)
+    return result
 
 
 def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000,
                  precision: str = "float64"):
-    """Per-tensor mean traces (columns of ``engine.tensor_columns``) and minimum sharpness
-    for an in-memory float64 input array already in the model's input shape. ``model`` is
-    an .onnx path, a ModelProto or an ImportedModel. For tests and other frameworks' code."""
+    """Score an in-memory input array already preprocessed and in the model's input shape
+    (N, *input_shape). ``model`` is an .onnx path, a ModelProto or an ImportedModel.
+    Returns (list of LayerResult, naive trace, minimum sharpness). For tests and other
+    frameworks' code."""
     import onnx
 
     from .onnx_import import convert
@@ -256,7 +305,11 @@ def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: i
         imported = model
     else:
         imported = import_model(model)
+    x = np.asarray(x)
+    if x.ndim < 1 or tuple(x.shape[1:]) != tuple(imported.network.input_shape) or len(x) == 0:
+        raise MinsharpError(f"input of shape {x.shape}; the model expects (N, "
+                            f"{', '.join(map(str, imported.network.input_shape))})")
     xs = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
-    sums, _, _, _ = traces_over(imported, xs, None, provider, precision=precision)
-    layers, trace, _, ms, _, _, _, _, _ = summarise(imported, sums, False)
+    run = traces_over(imported, xs, None, provider, precision=precision)
+    layers, trace, _, ms, _, _, _, _, _ = summarise(imported, run.sums, False)
     return layers, trace, ms

@@ -31,16 +31,24 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
         raise MinsharpError(f"{option} must be a number or a comma-separated list, not {text!r}") from None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it: never a partial file."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+def check_output_dir(path: Path) -> Path:
+    """The directory an output file goes to; refuse early when it does not exist."""
+    directory = Path(path).parent
     if not directory.is_dir():
         raise MinsharpError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    if Path(path).is_dir():
+        raise MinsharpError(f"{path}: is a directory")
+    return directory
+
+
+def write_atomically(path: Path, data) -> None:
+    """Write text or bytes to a temporary file beside ``path`` and rename it over ``path``:
+    never a partial file."""
+    directory = check_output_dir(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -156,6 +164,10 @@ def score(
     def body() -> int:
         from .api import score as run_score
 
+        if max_sharpness is not None and not max_sharpness >= 0:
+            raise MinsharpError(f"--max-sharpness must be a non-negative number, not {max_sharpness}")
+        if json_path is not None:
+            check_output_dir(json_path)
         progress = Progress()
         result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
@@ -243,7 +255,7 @@ def rescale(
         if not ok:
             raise MinsharpError(f"the rescaled model's logits differ by {diff:.3g} (tolerance "
                                 f"{FIDELITY_RTOL:g}) on {source}: not written")
-        _write_bytes_atomically(output, new_proto.SerializeToString())
+        write_atomically(output, new_proto.SerializeToString())
         typer.echo(what)
         typer.echo(f"logits agree to {diff:.2g} (tolerance {FIDELITY_RTOL:g}) on {source}")
         typer.echo(f"wrote {output}")
@@ -268,22 +280,6 @@ def _check_batch(network, data, split, x_key, mean, std, rng, size: int = 64):
     finally:
         dataset.close()
     return x, f"{len(x)} samples of {data}"
-
-
-def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise MinsharpError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @app.command()
@@ -359,8 +355,25 @@ def version():
     typer.echo(f"minsharp-ref {__version__}")
 
 
-def main():
-    app()
+def main() -> None:
+    """Console entry point: usage errors too become one ``error: …`` line and exit code 2."""
+    try:  # recent typer vendors click; older releases use click itself
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exceptions
+
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        code = 2
+    except click_exceptions.UsageError as exc:
+        typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        code = 2
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        code = 2
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

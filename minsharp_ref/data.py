@@ -83,8 +83,8 @@ class Preprocessing:
         if dtype == np.uint8 and self.scale_uint8:
             steps.append("uint8 scaled by 1/255")
         if self.mean is not None or self.std is not None:
-            m = list(self.mean or [0.0])
-            s = list(self.std or [1.0])
+            m = np.atleast_1d(0.0 if self.mean is None else self.mean).tolist()
+            s = np.atleast_1d(1.0 if self.std is None else self.std).tolist()
             fmt = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
             steps.append(f"normalised (x - {fmt(m)}) / {fmt(s)}")
         return steps
@@ -158,7 +158,9 @@ def open_dataset(path, split: str = "train", x_key: Optional[str] = None,
 
 
 def _channel_vector(values, name: str, channels: int, ndim: int) -> np.ndarray:
-    v = np.asarray(list(values), dtype=np.float64)
+    v = np.atleast_1d(np.asarray(values, dtype=np.float64)).reshape(-1)
+    if not np.all(np.isfinite(v)):
+        raise MinsharpError(f"--{name} must be finite, got {v.tolist()}")
     if v.size == 1:
         return v.reshape(())
     if v.size != channels:

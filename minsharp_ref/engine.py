@@ -213,6 +213,36 @@ def _(layer: Conv2d, g, a):
     return t_w, layer.bias_coef ** 2 * np.einsum("nkc,nkc->n", summed, summed, dtype=np.float64)
 
 
+@singledispatch
+def measure_diagonal(layer: LayerBase, g: np.ndarray, a: np.ndarray):
+    raise NotImplementedError(type(layer).__name__)
+
+
+@measure_diagonal.register
+def _(layer: Dense, g, a):
+    """Σ_n diag H_n, shaped like the stored initializers (spec section 2, "Diagonal entries"):
+    W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (times Gemm's alpha², beta²)."""
+    signal = np.einsum("nko,nko->no", g, g, dtype=np.float64)
+    d_w = layer.weight_coef ** 2 * (signal.T @ (a.astype(np.float64) ** 2))  # (out, in)
+    d_w = d_w.T if layer.weight_transposed else d_w
+    d_b = None if layer.bias is None else (layer.bias_coef ** 2 * signal.sum(axis=0)).reshape(layer.bias.shape)
+    return d_w, d_b
+
+
+@measure_diagonal.register
+def _(layer: Conv2d, g, a):
+    """W: Σ_n Σ_k (g_k Uᵀ)⊙(g_k Uᵀ); b: Σ_n Σ_k (Σ_positions g_k)²."""
+    n, k = g.shape[:2]
+    u = layer.im2col(a)
+    m = np.matmul(g.reshape(n, k, layer.groups, -1, u.shape[-1]), u.transpose(0, 1, 3, 2)[:, None])
+    d_w = layer.weight_coef ** 2 * np.einsum("nkgoq,nkgoq->goq", m, m, dtype=np.float64)
+    d_w = d_w.reshape(layer.weight.shape)
+    if layer.bias is None:
+        return d_w, None
+    summed = g.sum(axis=(3, 4), dtype=np.float64)
+    return d_w, (layer.bias_coef ** 2 * np.einsum("nkc,nkc->c", summed, summed)).reshape(layer.bias.shape)
+
+
 # ------------------------------------------------------------------------------ driver
 
 LAYERS_NEEDING_INPUT = (Relu, LeakyRelu, MaxPool2d, Dense, Conv2d)
@@ -239,19 +269,20 @@ def tensor_columns(network: Network) -> list[tuple[int, str, str]]:
     return cols
 
 
-def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
-                      logits: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """Per-sample trace contributions, (N, number of parameter tensors), columns in the order
-    of ``tensor_columns``. ``inputs[i]`` is layer i's input where the engine needs it
-    (``needed_inputs``); other entries may be None. Their mean over samples is Tr H_dd.
+def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
+                          logits: np.ndarray, dtype=np.float64):
+    """Back-propagate the signals of ``loss_hessian_sqrt`` from the logits; yield, for each
+    parameterised layer from the last to the first, (its index among the parameterised
+    layers, the layer, the signals at its output (N, R, *out_shape), its input).
 
-    ``dtype`` is the precision of the signals: float64 (the reference) or float32 (pass a
-    network already cast with ``Network.astype``); results are float64 either way."""
+    ``inputs[i]`` is layer i's input where the engine needs it (``needed_inputs``); other
+    entries may be None. ``dtype`` is the precision of the signals: float64 (the reference)
+    or float32 (pass a network already cast with ``Network.astype``)."""
     shapes = network.layer_shapes()
     n = logits.shape[0]
     g = loss_hessian_sqrt(softmax(logits.astype(np.float64))).astype(dtype, copy=False)
     start = first_param_index(network)
-    results: list[np.ndarray] = []
+    d = len(network.param_layers)
     for i in range(len(network.layers) - 1, start - 1, -1):
         layer = network.layers[i]
         a = inputs[i]
@@ -259,14 +290,35 @@ def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
             a = np.broadcast_to(np.zeros((), dtype=dtype), (n,) + shapes[i])
         a = a.astype(dtype, copy=False)
         if is_parameterised(layer):
-            t_w, t_b = measure(layer, g, a)
-            results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
+            d -= 1
+            yield d, layer, g, a
         if i > start:
             g = backprop(layer, g, a)
-    return np.stack(results[::-1], axis=1).astype(np.float64)
 
 
-def bytes_per_sample(network: Network) -> int:
+def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
+                      logits: np.ndarray, dtype=np.float64, diagonal: bool = False):
+    """Per-sample trace contributions, (N, number of parameter tensors), float64, columns
+    in the order of ``tensor_columns``; their mean over samples is Tr H_dd.
+
+    With ``diagonal``, also returns the batch sums of the exact Hessian diagonal of every
+    parameter tensor, keyed by initializer name and shaped like it (divide by N for diag
+    H_dd), from the same back-propagated signals."""
+    results: list[np.ndarray] = []
+    diagonals: dict[str, np.ndarray] = {}
+    for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype):
+        t_w, t_b = measure(layer, g, a)
+        results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
+        if diagonal:
+            d_w, d_b = measure_diagonal(layer, g, a)
+            diagonals[layer.weight_name] = d_w
+            if d_b is not None:
+                diagonals[layer.bias_name] = d_b
+    traces = np.stack(results[::-1], axis=1).astype(np.float64)
+    return (traces, diagonals) if diagonal else traces
+
+
+def bytes_per_sample(network: Network, itemsize: int = 8) -> int:
     """Rough peak float64 bytes per sample of one engine batch: the stored layer inputs plus
     the largest layer's K-fold signals and its temporaries (im2col columns, Gram matrices,
     one-hot arg-max routing)."""
@@ -288,4 +340,4 @@ def bytes_per_sample(network: Network) -> int:
             kh, kw = layer.geometry.kernel
             need += 2 * k * z * kh * kw
         peak = max(peak, need)
-    return 8 * (stored + peak)
+    return 8 * stored + itemsize * peak

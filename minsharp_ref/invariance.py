@@ -76,9 +76,9 @@ class InvarianceResult:
 
 
 def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, check: bool):
-    sums, used, _, _ = traces_over(imported, iter(batches), None, provider, check=check)
-    _, trace, _, ms, *_ = summarise(imported, sums, False)
-    return trace, ms, used
+    run = traces_over(imported, iter(batches), None, provider, check=check)
+    _, trace, _, ms, *_ = summarise(imported, run.sums, False)
+    return trace, ms, run.provider
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:

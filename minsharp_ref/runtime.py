@@ -22,6 +22,10 @@ from .ir import Network
 PROVIDERS = ("auto", "cuda", "cpu", "numpy")
 
 
+class OrtUnavailable(MinsharpError):
+    """onnxruntime cannot load or run the model."""
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence native-library logging on file descriptor 2 (CUDA probe error spam)."""
@@ -107,7 +111,7 @@ class OrtForward:
                 self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MinsharpError(f"onnxruntime cannot load the model: {first}") from None
+            raise OrtUnavailable(f"onnxruntime cannot load the model: {first}") from None
         self.name = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, x: np.ndarray):
@@ -116,7 +120,7 @@ class OrtForward:
             values = self.session.run(self.fetch, feed)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MinsharpError(f"onnxruntime failed on the model: {first}") from None
+            raise OrtUnavailable(f"onnxruntime failed on the model: {first}") from None
         got = dict(zip(self.fetch, values))
         got[self.network.input_name] = feed[self.network.input_name]
         inputs: list = [None] * len(self.network.layers)

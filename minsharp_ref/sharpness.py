@@ -4,25 +4,29 @@ With t_d = Tr H_{W_d} and u_d = Tr H_{b_d} (u_d = 0 without a bias), the α-scal
 transformation W_d → α_d W_d, b_d → c_d b_d (c_d = Π_{j≤d} α_j, Π_d α_d = 1) sends the naive
 trace to Σ_d t_d/α_d² + Σ_d u_d/c_d² (Proposition 2), and
 
-    MS = min_α Σ_d t_d/α_d² + Σ_d u_d/c_d².                         (Definition 1)
+    MS = inf_α Σ_d t_d/α_d² + Σ_d u_d/c_d².                         (Definition 1)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+MAX_ITERATIONS = 500
 
 
 @dataclass(frozen=True)
 class MinimumSharpness:
     value: float
-    alpha: tuple[float, ...]
-    method: str  # "closed-form", "newton" or "dead-layer"
-    gradient_norm: float  # relative norm of the projected gradient at α* (0 for closed form)
+    alpha: Optional[tuple[float, ...]]  # None when the infimum is not attained
+    method: str  # "closed-form", "newton", "dead-layer"
+    gradient_norm: float  # relative norm of the projected gradient at the end (0: closed form)
     iterations: int
     dead_layers: tuple[int, ...] = ()
+    converged: bool = True
 
 
 def rescaled_traces(t: np.ndarray, u: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,31 +36,41 @@ def rescaled_traces(t: np.ndarray, u: np.ndarray, alpha: np.ndarray) -> tuple[np
 
 
 def minimum_sharpness(t, u=None) -> MinimumSharpness:
-    """Exact minimum of the trace over the α-scale transformations.
+    """Exact infimum of the trace over the α-scale transformations.
 
-    * some t_d = 0: the infimum is 0 and not attained (α_d → 0 shrinks every other term);
-      returns 0 with the dead layers listed.
-    * no biases: Theorem 1, MS = D·(Π t_d)^{1/D} computed as exp(log D + mean log t_d),
-      attained at α_d² = t_d / (Π_j t_j)^{1/D}.
+    * no biases, all t_d > 0: Theorem 1, MS = D·(Π t_d)^{1/D} computed in the log domain as
+      exp(log D + mean log t_d), attained at α_d² = t_d / (Π_j t_j)^{1/D}.
     * biases: F(β) = Σ t_d e^{−2β_d} + Σ u_d e^{−2Σ_{j≤d}β_j} with β = log α on Σβ = 0 is
-      strictly convex; minimised by damped Newton steps to machine precision.
+      convex (strictly, when all t_d > 0); minimised by damped Newton steps until the
+      predicted decrease is below 1e-24·F.
+    * a dead layer (t_d = 0): the infimum is not attained. Without biases it is 0. With
+      biases it can be positive (c_D = 1 always, so u_D stays; more generally the dead
+      layer only decouples the problem): the same Newton iteration, with least-squares
+      steps, drives the vanishing terms to 0 geometrically and converges to the infimum.
     """
     t = np.asarray(t, dtype=np.float64)
     u = np.zeros_like(t) if u is None else np.nan_to_num(np.asarray(u, dtype=np.float64))
     d = t.size
-    if np.any(~np.isfinite(t)) or np.any(t < 0) or np.any(u < 0):
+    if np.any(~np.isfinite(t)) or np.any(t < 0) or np.any(u < 0) or np.any(~np.isfinite(u)):
         raise ValueError("traces must be finite and non-negative")
     dead = tuple(int(i) for i in np.flatnonzero(t == 0))
-    if dead:
-        return MinimumSharpness(0.0, tuple([float("nan")] * d), "dead-layer", 0.0, 0, dead)
-    log_t = np.log(t)
-    beta0 = 0.5 * (log_t - log_t.mean())  # the no-bias optimum
-    if not np.any(u > 0):
-        value = math.exp(math.log(d) + float(log_t.mean()))
-        return MinimumSharpness(value, tuple(np.exp(beta0).tolist()), "closed-form", 0.0, 0)
-    beta, grad_norm, iters = _newton(t, u, beta0)
+    has_bias = bool(np.any(u > 0))
+    if dead and not has_bias:
+        return MinimumSharpness(0.0, None, "dead-layer", 0.0, 0, dead)
+    if not dead:
+        log_t = np.log(t)
+        beta0 = 0.5 * (log_t - log_t.mean())  # the no-bias optimum
+        if not has_bias:
+            value = math.exp(math.log(d) + float(log_t.mean()))
+            return MinimumSharpness(value, tuple(np.exp(beta0).tolist()), "closed-form", 0.0, 0)
+    else:
+        beta0 = np.zeros(d)
+    beta, grad_norm, iters, converged = _newton(t, u, beta0)
     value = float(np.sum(t * np.exp(-2 * beta)) + np.sum(u * np.exp(-2 * np.cumsum(beta))))
-    return MinimumSharpness(value, tuple(np.exp(beta).tolist()), "newton", grad_norm, iters)
+    if dead:
+        return MinimumSharpness(value, None, "dead-layer", grad_norm, iters, dead, converged)
+    return MinimumSharpness(value, tuple(np.exp(beta).tolist()), "newton", grad_norm, iters,
+                            (), converged)
 
 
 def _objective(t, u, beta):
@@ -71,22 +85,20 @@ def _objective(t, u, beta):
     return f, grad, hess
 
 
-def _newton(t, u, beta, max_iter: int = 200):
-    """Damped Newton on the plane Σβ = 0, in an orthonormal basis of the plane."""
+def _newton(t, u, beta):
+    """Damped Newton on the plane Σβ = 0, in an orthonormal basis of the plane.
+    Returns (β, relative projected gradient norm, iterations, converged)."""
     d = t.size
     basis = np.linalg.qr(np.vstack([np.ones(d), np.eye(d)[:-1]]).T)[0][:, 1:]  # D × (D−1)
     f, grad, hess = _objective(t, u, beta)
-    rel = math.inf
-    for it in range(1, max_iter + 1):
+    for it in range(MAX_ITERATIONS):
         g = basis.T @ grad
         h = basis.T @ hess @ basis
         rel = float(np.linalg.norm(g) / f)
-        if rel < 1e-15:
-            return beta, rel, it - 1
-        step = basis @ np.linalg.solve(h, -g)
-        decrement = float(-g @ (basis.T @ step))  # Newton decrement², predicted gain × 2
-        if decrement <= 1e-30 * f:  # below rounding of f: converged
-            return beta, rel, it - 1
+        step = basis @ np.linalg.lstsq(h, -g, rcond=None)[0]
+        decrement = float(-g @ (basis.T @ step))  # Newton decrement²: twice the predicted gain
+        if decrement <= 1e-24 * f:
+            return beta, rel, it, True
         s = 1.0
         while True:
             candidate = beta + s * step
@@ -94,7 +106,7 @@ def _newton(t, u, beta, max_iter: int = 200):
             if np.isfinite(f_new) and f_new <= f - 0.25 * s * decrement:
                 break
             s *= 0.5
-            if s < 1e-20:  # no further decrease representable: at the minimum to rounding
-                return beta, rel, it
+            if s < 1e-12:  # no decrease representable: at the minimum to rounding
+                return beta, rel, it, True
         beta, f, grad, hess = candidate, f_new, grad_new, hess_new
-    return beta, float(np.linalg.norm(basis.T @ grad) / f), max_iter
+    return beta, float(np.linalg.norm(basis.T @ grad) / f), MAX_ITERATIONS, False
