@@ -58,6 +58,7 @@ class ScoreResult:
     fidelity: dict
     warnings: tuple[str, ...]
     timings: dict = field(compare=False)
+    measures: Optional[dict] = None
 
     def to_dict(self) -> dict:
         doc = {"schema": SCORE_SCHEMA, "minsharp_ref_version": __version__}
@@ -235,12 +236,36 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
     return layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se, solver, loss, acc, warnings
 
 
+def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
+    """``--measures``: normalised sharpness per layer and the per-layer traces at α*
+    (Proposition 2: t_d/α*_d², u_d/c*_d²; all equal to MS/D without biases)."""
+    from .measures import normalised_sharpness
+
+    ns = normalised_sharpness(network, diagonal)
+    at_alpha = []
+    c = 1.0
+    for layer in layers:
+        if layer.alpha is None:
+            at_alpha.append({"weight": None, "bias": None})
+            continue
+        c *= layer.alpha
+        at_alpha.append({"weight": layer.trace_weight / layer.alpha ** 2,
+                         "bias": None if layer.trace_bias is None else layer.trace_bias / c ** 2})
+    return {
+        "normalised_sharpness": {
+            "value": sum(n.value for n in ns),
+            "layers": [{"value": n.value, "lower_bound": n.lower_bound,
+                        "gradient_norm": n.gradient_norm} for n in ns]},
+        "traces_at_alpha": at_alpha,
+    }
+
+
 def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           y_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
           std: Optional[Sequence[float]] = None, limit: Optional[int] = None,
           batch_size: Optional[int] = None, provider: str = "auto",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
-          diagonal: bool = False, per_sample: bool = False,
+          diagonal: bool = False, per_sample: bool = False, measures: bool = False,
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
@@ -248,7 +273,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
     With ``diagonal`` the result's ``diagonal`` attribute holds the exact Hessian diagonal of
     every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
-    attribute holds each sample's trace contributions (N, tensors). Raises ``MinsharpError``
+    attribute holds each sample's trace contributions (initializer name → (N,), and
+    ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
+    at α*. Raises ``MinsharpError``
     on bad input.
     """
     start = time.perf_counter()
@@ -264,7 +291,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         if on_start:
             on_start(dataset.samples)
         run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), dataset.y,
-                          provider, progress, precision, diagonal=diagonal, per_sample=per_sample)
+                          provider, progress, precision, diagonal=diagonal or measures,
+                          per_sample=per_sample)
         sums = run.sums
         data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
                      "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
@@ -283,9 +311,15 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         trace_stderr=trace_se, minimum_sharpness=ms, minimum_sharpness_stderr=ms_se,
         solver=solver, loss=loss, accuracy=acc, postprocessing=network.postprocessing,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
-        warnings=tuple(warnings), timings=timings)
+        warnings=tuple(warnings), timings=timings,
+        measures=more_measures(network, layers, run.diagonal) if measures else None)
     object.__setattr__(result, "diagonal", run.diagonal)
-    object.__setattr__(result, "per_sample", run.per_sample)
+    per_sample_dict = None
+    if run.per_sample is not None:  # initializer name → (N,), plus each sample's total
+        per_sample_dict = {name: run.per_sample[:, i]
+                           for i, (_, _, name) in enumerate(tensor_columns(network))}
+        per_sample_dict["trace"] = run.per_sample.sum(axis=1)
+    object.__setattr__(result, "per_sample", per_sample_dict)
     return result
 
 

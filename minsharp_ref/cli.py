@@ -136,6 +136,13 @@ def format_score(result) -> str:
     t = result.timings
     lines.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} "
                  f"(forward {t['forward_s']:.3f}, traces {t['engine_s']:.3f})")
+    if result.measures is not None:
+        ns = result.measures["normalised_sharpness"]
+        lines.append(f"normalised sharpness {ns['value']:.8g}  (per layer: "
+                     + ", ".join(f"{l['value']:.4g}" for l in ns["layers"]) + ")")
+        lines.append("traces at alpha*     " + ", ".join(
+            f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
+            for l in result.measures["traces_at_alpha"] if l["weight"] is not None))
     for w in result.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -156,6 +163,9 @@ def score(
     provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
     precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (about 2x faster; sums stay float64)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
+    diag_path: Optional[Path] = typer.Option(None, "--diag", help="Write the exact Hessian diagonal of every parameter tensor (.npz keyed by initializer name, float64)."),
+    per_sample_path: Optional[Path] = typer.Option(None, "--per-sample", help="Write each sample's trace contributions (.npz keyed by initializer name, plus 'trace')."),
+    measures: bool = typer.Option(False, "--measures", help="Also report normalised sharpness and the per-layer traces at alpha*."),
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
@@ -166,15 +176,21 @@ def score(
 
         if max_sharpness is not None and not max_sharpness >= 0:
             raise MinsharpError(f"--max-sharpness must be a non-negative number, not {max_sharpness}")
-        if json_path is not None:
-            check_output_dir(json_path)
+        for out in (json_path, diag_path, per_sample_path):
+            if out is not None:
+                check_output_dir(out)
         progress = Progress()
         result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
                            batch_size=batch_size, provider=provider,
                            memory_budget=parse_bytes(memory_budget), precision=precision,
-                           progress=progress,
+                           diagonal=diag_path is not None, per_sample=per_sample_path is not None,
+                           measures=measures, progress=progress,
                            on_start=progress.start)
+        if diag_path is not None:
+            write_atomically(diag_path, npz_bytes(result.diagonal))
+        if per_sample_path is not None:
+            write_atomically(per_sample_path, npz_bytes(result.per_sample))
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         typer.echo(format_score(result))
@@ -185,6 +201,17 @@ def score(
         return 0
 
     run_guarded(debug, body)
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    """An uncompressed .npz (no pickles) of float64 arrays, as bytes."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
+    return buf.getvalue()
 
 
 def parse_bytes(text: str) -> int:
@@ -345,6 +372,67 @@ def invariance(
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         return 0 if result.passed else 1
+
+    run_guarded(debug, body)
+
+
+@app.command()
+def verify(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    data: Path = typer.Option(..., "--data", help=".npz data file."),
+    expected: Path = typer.Option(..., "--expected", help="Their numbers: minsharp-ref/expected/v1 or our score JSON."),
+    expected_diag: Optional[Path] = typer.Option(None, "--expected-diag", help="Their Hessian diagonals (.npz keyed by initializer name)."),
+    split: str = typer.Option("train"),
+    x_key: Optional[str] = typer.Option(None, "--x-key"),
+    y_key: Optional[str] = typer.Option(None, "--y-key"),
+    mean: Optional[str] = typer.Option(None),
+    std: Optional[str] = typer.Option(None),
+    limit: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    provider: str = typer.Option("numpy", help="numpy (float64 reference, default) | auto | cuda | cpu."),
+    rtol: list[str] = typer.Option([], "--rtol", help=f"Relative tolerance (default {1e-5:g}); 'quantity:value' overrides one quantity."),
+    atol: list[str] = typer.Option([], "--atol", help=f"Absolute tolerance (default {1e-8:g}); 'quantity:value' overrides one."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Compare another framework's traces (and diagonals) with ours. Exit 0 all pass, 1 any
+    fail, 2 input error."""
+
+    def body() -> int:
+        from .api import score as run_score
+        from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VERIFY_SCHEMA, compare, data_mismatches,
+                             format_rows, load_expected, load_expected_diagonal, parse_tolerances)
+
+        rtols = parse_tolerances(rtol, "--rtol", DEFAULT_RTOL)
+        atols = parse_tolerances(atol, "--atol", DEFAULT_ATOL)
+        theirs = load_expected(expected)
+        theirs_diag = load_expected_diagonal(expected_diag) if expected_diag else None
+        if json_path is not None:
+            check_output_dir(json_path)
+        result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
+                           mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
+                           batch_size=batch_size, provider=provider,
+                           diagonal=theirs_diag is not None)
+        notes = data_mismatches(result, theirs)
+        for note in notes:
+            typer.echo(f"data mismatch: {note}")
+        rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
+        typer.echo(format_rows(rows))
+        failed = [r for r in rows if r.status in ("FAIL", "UNKNOWN")]
+        missing = [r for r in rows if r.status == "MISSING"]
+        summary = (f"{'FAIL' if failed else 'PASS'}: {len(rows) - len(failed) - len(missing)} "
+                   f"passed, {len(failed)} failed, {len(missing)} not provided by theirs "
+                   f"({result.data['samples']} samples, {result.provider})")
+        typer.echo(summary)
+        if json_path is not None:
+            from .api import _json_safe
+
+            doc = {"schema": VERIFY_SCHEMA, "minsharp_ref_version": __version__,
+                   "model": result.model, "data": result.data, "expected": str(expected),
+                   "data_mismatches": notes, "rtol": rtols, "atol": atols,
+                   "rows": [r.__dict__ for r in rows], "passed": not failed}
+            write_atomically(json_path, json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+        return 1 if failed else 0
 
     run_guarded(debug, body)
 

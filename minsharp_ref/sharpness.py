@@ -42,7 +42,7 @@ def minimum_sharpness(t, u=None) -> MinimumSharpness:
       exp(log D + mean log t_d), attained at α_d² = t_d / (Π_j t_j)^{1/D}.
     * biases: F(β) = Σ t_d e^{−2β_d} + Σ u_d e^{−2Σ_{j≤d}β_j} with β = log α on Σβ = 0 is
       convex (strictly, when all t_d > 0); minimised by damped Newton steps until the
-      predicted decrease is below 1e-24·F.
+      predicted decrease is below 1e-28·F.
     * a dead layer (t_d = 0): the infimum is not attained. Without biases it is 0. With
       biases it can be positive (c_D = 1 always, so u_D stays; more generally the dead
       layer only decouples the problem): the same Newton iteration, with least-squares
@@ -97,7 +97,7 @@ def _newton(t, u, beta):
         rel = float(np.linalg.norm(g) / f)
         step = basis @ np.linalg.lstsq(h, -g, rcond=None)[0]
         decrement = float(-g @ (basis.T @ step))  # Newton decrement²: twice the predicted gain
-        if decrement <= 1e-24 * f:
+        if decrement <= 1e-28 * f:
             return beta, rel, it, True
         s = 1.0
         while True:
