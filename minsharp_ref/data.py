@@ -8,6 +8,8 @@ of their bytes are interpreted (``np.load(..., allow_pickle=True)`` is never use
 from __future__ import annotations
 
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -15,6 +17,11 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import MinsharpError
+
+
+#: What a corrupt zip member can raise while it is opened or read.
+CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
+           RuntimeError)
 
 
 class NpyMember:
@@ -26,8 +33,17 @@ class NpyMember:
         with self._open() as f:
             self.shape, self.dtype, self.offset = self._header(f)
 
+    @contextmanager
     def _open(self):
-        return self.archive.open(self.member)
+        """The member as a file; zip-level corruption becomes a MinsharpError."""
+        try:
+            with self.archive.open(self.member) as f:
+                yield f
+        except MinsharpError:
+            raise
+        except CORRUPT as exc:
+            raise MinsharpError(f'{self.path}: key "{self.key}" cannot be read, the file is '
+                                f"corrupt ({type(exc).__name__}: {exc})") from None
 
     def _header(self, f):
         where = f'{self.path}: key "{self.key}"'

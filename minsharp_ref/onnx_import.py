@@ -636,8 +636,10 @@ def convert(model: onnx.ModelProto, path: Path = Path("<model>")) -> ir.Network:
     graph = model.graph
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     opset = opsets.get("ai.onnx")
-    if opset is None or opset < MIN_OPSET:
-        raise MinsharpError(f"default-domain opset {opset} is not supported (need {MIN_OPSET} or newer)")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None or not MIN_OPSET <= opset <= newest:
+        raise MinsharpError(f"default-domain opset {opset} is not supported (need {MIN_OPSET} "
+                            f"to {newest})")
     consts: dict[str, np.ndarray] = {}
     total = 0
     for init in graph.initializer:
@@ -646,7 +648,11 @@ def convert(model: onnx.ModelProto, path: Path = Path("<model>")) -> ir.Network:
         total += int(np.prod(init.dims)) if init.dims else 1
         if total > MAX_PARAMETERS:
             raise MinsharpError(f"more than {MAX_PARAMETERS} parameters: refused")
-        arr = numpy_helper.to_array(init)
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception:
+            raise MinsharpError(f'initializer "{init.name}": its stored data does not match its '
+                                f"dims {list(init.dims)} and type") from None
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             bad = int(np.count_nonzero(~np.isfinite(arr)))
             raise MinsharpError(f'initializer "{init.name}" contains {bad} NaN/Inf values')

@@ -16,3 +16,4 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+settings.register_profile("fuzz-short", deadline=None, max_examples=1_000)
