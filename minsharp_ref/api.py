@@ -120,7 +120,11 @@ def batch_size_for(network: Network, memory_budget: int, requested: Optional[int
         raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
-    fit = max(1, memory_budget // bytes_per_sample(network))
+    per_sample = bytes_per_sample(network)
+    if per_sample > memory_budget:
+        raise MinsharpError(f"one sample needs about {per_sample / 2 ** 20:.1f} MiB in the engine, "
+                            f"more than --memory-budget ({memory_budget / 2 ** 20:.1f} MiB)")
+    fit = memory_budget // per_sample
     return int(min(requested or DEFAULT_BATCH_SIZE, fit))
 
 
@@ -160,6 +164,10 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     for x in xs:
         t0 = time.perf_counter()
         logits, inputs = forward(x)
+        if not np.all(np.isfinite(logits)):
+            bad = int(np.argmax(~np.isfinite(logits).all(axis=1)))
+            raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
+                                "overflows on this input")
         t1 = time.perf_counter()
         if fidelity is None and check:
             m = FIDELITY_SAMPLES
@@ -175,6 +183,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             diag_sums = diag if diag_sums is None else {k: diag_sums[k] + v for k, v in diag.items()}
         else:
             traces = per_sample_traces(signal_network, inputs, logits, dtype)
+        if not np.all(np.isfinite(traces)):
+            raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
         sums.add(traces)
         if per_sample:
             rows.append(traces)

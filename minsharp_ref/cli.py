@@ -58,8 +58,11 @@ def write_atomically(path: Path, data) -> None:
 
 def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     """Run a command body; turn errors into one line on stderr and exit code 2."""
+    import numpy as np
+
     try:
-        code = body()
+        with np.errstate(all="ignore"):  # overflow is reported as an error, not a warning
+            code = body()
     except MinsharpError as exc:
         if debug:
             raise

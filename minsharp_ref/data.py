@@ -137,8 +137,8 @@ def open_dataset(path, split: str = "train", x_key: Optional[str] = None,
         raise MinsharpError(f"--limit must be at least 1, not {limit}")
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
-        raise MinsharpError(f"{path}: not an .npz file (not a zip archive)") from None
+    except CORRUPT:
+        raise MinsharpError(f"{path}: not an .npz file (not a readable zip archive)") from None
     try:
         keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
         listing = ", ".join(keys) or "none"
