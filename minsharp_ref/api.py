@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__
 from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
-from .engine import bytes_per_sample, per_sample_traces, softmax, tensor_columns
+from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
 from .ir import Network
 from .onnx_import import ImportedModel, import_model

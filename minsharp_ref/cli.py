@@ -296,7 +296,6 @@ def rescale(
 
 def _check_batch(network, data, split, x_key, mean, std, rng, size: int = 64):
     """A batch to compare logits on: the first samples of --data, or standard normal inputs."""
-    import numpy as np
 
     from .data import Preprocessing, batches, check_finite, open_dataset
 

@@ -100,7 +100,7 @@ def _(layer: Pad2d, g, a):
 def _(layer: MaxPool2d, g, a):
     """MaxPool: route each signal to its window's arg-max (first index on ties)."""
     geom = layer.geometry
-    (kh, kw), n, k = geom.kernel, g.shape[0], g.shape[1]
+    (kh, kw), n = geom.kernel, g.shape[0]
     argmax = layer.window_argmax(a)[:, None]  # (N, 1, C, Ho, Wo)
     ho, wo = g.shape[3:]
     if geom.stride == geom.kernel and geom.pads == (0, 0, 0, 0) and geom.dilation == (1, 1) \
@@ -199,8 +199,9 @@ def _(layer: Conv2d, g, a):
     g_mat = g.reshape(n, k, layer.groups, -1, u.shape[-1])  # (N, K, G, O, P)
     flops = conv_trace_flops(layer, a.shape[1:], k)
     if flops["im2col"] <= flops["gram"]:
-        m = np.matmul(g_mat, u.transpose(0, 1, 3, 2)[:, None])  # (N, K, G, O, Q)
-        t_w = np.einsum("nkgoq,nkgoq->n", m, m, dtype=np.float64)
+        stacked = g_mat.transpose(0, 2, 1, 3, 4).reshape(n, layer.groups, -1, u.shape[-1])
+        m = np.matmul(stacked, u.transpose(0, 1, 3, 2))  # (N, G, K·O, Q): one GEMM per sample
+        t_w = np.einsum("ngoq,ngoq->n", m, m, dtype=np.float64)
     else:
         gram_u = np.matmul(u.transpose(0, 1, 3, 2), u)  # (N, G, P, P)
         stacked = g_mat.transpose(0, 2, 1, 3, 4).reshape(n, layer.groups, -1, u.shape[-1])

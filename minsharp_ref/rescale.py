@@ -14,14 +14,14 @@ new initializer values keyed by ONNX initializer name, applied to the IR with
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import MinsharpError
-from .ir import Conv2d, Dense, Network, is_parameterised
+from .ir import Dense, Network, is_parameterised
 
 
 def check_alpha(network: Network, alpha: Sequence[float], normalize: bool = False) -> np.ndarray:

@@ -4,7 +4,6 @@ names the file and the node, key, shape or value at fault, no traceback, no outp
 import os
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner

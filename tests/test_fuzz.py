@@ -5,11 +5,9 @@ The CI profile runs a few hundred cases; the long run is
 """
 
 import io
-import zipfile
 
 import numpy as np
 import onnx
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import FIXTURES, MNIST
