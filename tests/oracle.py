@@ -20,7 +20,7 @@ A second, looser oracle differentiates the mean cross-entropy loss twice per coo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -300,9 +300,15 @@ def softmax(z):
 
 
 def trace_from_jacobian(jac: np.ndarray, p: np.ndarray) -> float:
-    """(1/N) Σ_n Tr(J_nᵀ A_n J_n), A_n = diag(p_n) − p_n p_nᵀ; jac is (N, K, m)."""
-    a = np.einsum("nk,kl->nkl", p, np.eye(p.shape[1])) - np.einsum("nk,nl->nkl", p, p)
-    return float(np.einsum("nki,nkl,nli->", jac, a, jac) / jac.shape[0])
+    """(1/N) Σ_n Tr(J_nᵀ A_n J_n), A_n = diag(p_n) − p_n p_nᵀ; jac is (N, K, m).
+
+    Evaluated in the equivalent form of spec Proposition 1, Σ_k p_k ‖J_k − Σ_j p_j J_j‖²: a
+    sum of non-negative terms. The direct quadratic form with A loses all relative accuracy
+    for confident predictions (A's diagonal p_k − p_k² cancels when p_k ≈ 1 and the form
+    cancels because A·1 = 0), which made traces of ~1e-26 look wrong by 7x."""
+    mean = np.einsum("nk,nki->ni", p, jac)
+    dev = jac - mean[:, None, :]
+    return float(np.einsum("nk,nki,nki->", p, dev, dev) / jac.shape[0])
 
 
 def ort_logits(built: Built, x: np.ndarray) -> np.ndarray:

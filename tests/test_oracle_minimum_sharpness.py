@@ -245,15 +245,25 @@ def test_closed_form_without_biases(t):
     assert got_zero_u.value == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.parametrize("u", [None, [0.0, 0.0, 0.0], [1.0, 2.0, 0.5]])
+@pytest.mark.parametrize("u", [None, [0.0, 0.0, 0.0]])
 def test_zero_weight_trace_gives_zero_not_nan(u):
     got = minimum_sharpness([1.5, 0.0, 2.0], u)
-    assert got.value == 0.0 and not math.isnan(got.value)
+    assert got.value == 0.0 and not math.isnan(got.value) and got.alpha is None
 
 
-def test_dead_layer_network_scores_zero_not_nan():
-    """A hidden layer whose ReLUs are all off: the next weight's trace is 0 (oracle too),
-    so MS = 0.0, never NaN."""
+def test_zero_weight_trace_with_biases_gives_the_positive_infimum():
+    """t = (1.5, 0, 2), u = (1, 2, 0.5). With C_d = Σ_{j≤d} β_j (C_3 = 0) the objective is
+    2.5 e^{−2C_1} + 2 e^{2C_2} + 2 e^{−2C_2} + 0.5: C_1 → ∞ and C_2 = 0 give the infimum 4.5,
+    not attained."""
+    got = minimum_sharpness([1.5, 0.0, 2.0], [1.0, 2.0, 0.5])
+    assert got.value == pytest.approx(4.5, rel=1e-12)
+    assert got.alpha is None and got.dead_layers == (1,)
+
+
+def test_dead_layer_network_scores_the_infimum_not_nan():
+    """A hidden layer whose ReLUs are all off: the next weight's trace is 0 (oracle too).
+    With biases the infimum over α is positive and not attained; it must match a brute-force
+    minimisation of the oracle's rescaled traces (BFGS walks off towards the infimum)."""
     built, x = model("mlp_bias")
     vals = built.values()
     b = built.biases[0]
@@ -262,7 +272,17 @@ def test_dead_layer_network_scores_zero_not_nan():
     assert oracle[dead.weights[1]] == 0.0
     layers, trace, ms = score(dead, x)
     assert by_name(layers)[dead.weights[1]] == 0.0
-    assert ms == 0.0 and math.isfinite(trace)
+    assert math.isfinite(ms) and math.isfinite(trace)
+    tw = np.array([oracle[w] for w in dead.weights])
+    tb = np.array([oracle[b] if b is not None else 0.0 for b in dead.biases])
+
+    def f(b):
+        beta = np.append(b, -b.sum())
+        return np.sum(tw * np.exp(-2 * beta)) + np.sum(tb * np.exp(-2 * np.cumsum(beta)))
+
+    brute = minimize(f, np.zeros(len(tw) - 1), method="BFGS", options={"gtol": 1e-14, "maxiter": 10_000}).fun
+    assert ms == pytest.approx(brute, rel=1e-6)  # BFGS approaches an unattained infimum
+    assert ms >= tb[-1] * (1 - 1e-12)  # c_D = 1: the last bias term never shrinks
 
 
 # --------------------------------------------------------------- α-scale invariance

@@ -24,13 +24,12 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from minsharp_ref import MinsharpError, score_arrays
+from minsharp_ref import score_arrays
 
 from oracle import (KinkError, Oracle, build, data, evaluator, labels, ort_logits)
 
@@ -81,8 +80,12 @@ def check_against_oracle(built, n, seed=1, ort_check=True):
     assert_traces_match(got, want)
     assert trace == pytest.approx(sum(want.values()), rel=RTOL)
     assert np.isfinite(ms) and 0 <= ms <= trace * (1 + 1e-12)
-    # MS is 0 exactly when some weight trace is 0 (a dead layer), positive otherwise
-    assert (ms == 0) == any(want[w] == 0 for w in built.weights)
+    # a dead layer (zero weight trace) without bias traces gives MS = 0; no dead layer, MS > 0
+    dead = any(want[w] == 0 for w in built.weights)
+    if dead and not any(want[b] > 0 for b in built.biases if b is not None):
+        assert ms == 0
+    elif not dead:
+        assert ms > 0
 
 
 # ------------------------------------------------------------------ hand-picked problems
@@ -359,11 +362,9 @@ def test_onnxruntime_cpu_provider_float32_conv_close_to_numpy():
     assert ms == pytest.approx(ref_ms, rel=1e-4)
 
 
-@pytest.mark.xfail(raises=MinsharpError, strict=True, reason=(
-    "package bug: score_arrays(provider='numpy') always builds an onnxruntime CPU session "
-    "for its fidelity check (runtime.check_fidelity), and onnxruntime has no float64 Conv/"
-    "AveragePool/GlobalAveragePool kernels, so DOUBLE conv models cannot be scored at all"))
 def test_double_conv_model_scores_with_numpy_provider():
+    """onnxruntime has no float64 Conv kernels: the numpy path must still score (the fidelity
+    check is skipped with a warning), against the oracle."""
     shape, layers, n, _ = CASES["conv_pad1_maxpool"]
     built = build(shape, layers, seed=1)  # DOUBLE: onnxruntime cannot cross-check the oracle
     check_against_oracle(built, n, ort_check=False)
