@@ -59,10 +59,15 @@ class ScoreResult:
     warnings: tuple[str, ...]
     timings: dict = field(compare=False)
     measures: Optional[dict] = None
+    #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
+    diagonal: Optional[dict] = field(default=None, repr=False, compare=False)
+    #: with ``per_sample=True``: initializer name → (N,) contributions, and "trace"; not in JSON
+    per_sample: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         doc = {"schema": SCORE_SCHEMA, "minsharp_ref_version": __version__}
         doc.update(asdict(self))
+        del doc["diagonal"], doc["per_sample"]
         doc["layers"] = [dict(asdict(l), weight_shape=list(l.weight_shape)) for l in self.layers]
         doc["postprocessing"] = list(self.postprocessing)
         doc["warnings"] = list(self.warnings)
@@ -206,7 +211,20 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         np.concatenate(rows) if per_sample else None, warnings)
 
 
-def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
+@dataclass(frozen=True)
+class Summary:
+    layers: list[LayerResult]
+    trace: float
+    trace_stderr: float
+    minimum_sharpness: float
+    minimum_sharpness_stderr: Optional[float]
+    solver: dict
+    loss: Optional[float]
+    accuracy: Optional[float]
+    warnings: list[str]
+
+
+def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Summary:
     """Per-layer results, naive trace and minimum sharpness from the sums."""
     network = imported.network
     cols = tensor_columns(network)
@@ -243,7 +261,8 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool):
               "converged": ms.converged}
     loss = sums.loss / sums.n if has_labels else None
     acc = sums.correct / sums.n if has_labels else None
-    return layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se, solver, loss, acc, warnings
+    return Summary(layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se,
+                   solver, loss, acc, warnings)
 
 
 def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
@@ -309,27 +328,25 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
                      "batch_size": min(bs, sums.n), "precision": precision}
     finally:
         dataset.close()
-    layers, trace, trace_se, ms, ms_se, solver, loss, acc, warnings = summarise(
-        imported, sums, dataset.y is not None)
-    warnings = run.warnings + warnings
+    summary = summarise(imported, sums, dataset.y is not None)
     timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
-    result = ScoreResult(
-        model={"path": str(imported.path), "sha256": imported.sha256, "opset": network.opset,
-               "input": network.input_name, "input_shape": list(network.input_shape),
-               "logits": network.logits_name, "classes": network.num_classes},
-        data=data_info, provider=run.provider, layers=tuple(layers), trace=trace,
-        trace_stderr=trace_se, minimum_sharpness=ms, minimum_sharpness_stderr=ms_se,
-        solver=solver, loss=loss, accuracy=acc, postprocessing=network.postprocessing,
-        fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
-        warnings=tuple(warnings), timings=timings,
-        measures=more_measures(network, layers, run.diagonal) if measures else None)
-    object.__setattr__(result, "diagonal", run.diagonal)
     per_sample_dict = None
     if run.per_sample is not None:  # initializer name → (N,), plus each sample's total
         per_sample_dict = {name: run.per_sample[:, i]
                            for i, (_, _, name) in enumerate(tensor_columns(network))}
         per_sample_dict["trace"] = run.per_sample.sum(axis=1)
-    object.__setattr__(result, "per_sample", per_sample_dict)
+    result = ScoreResult(
+        model={"path": str(imported.path), "sha256": imported.sha256, "opset": network.opset,
+               "input": network.input_name, "input_shape": list(network.input_shape),
+               "logits": network.logits_name, "classes": network.num_classes},
+        data=data_info, provider=run.provider, layers=tuple(summary.layers), trace=summary.trace,
+        trace_stderr=summary.trace_stderr, minimum_sharpness=summary.minimum_sharpness,
+        minimum_sharpness_stderr=summary.minimum_sharpness_stderr, solver=summary.solver,
+        loss=summary.loss, accuracy=summary.accuracy, postprocessing=network.postprocessing,
+        fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
+        warnings=tuple(run.warnings + summary.warnings), timings=timings,
+        measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
+        diagonal=run.diagonal, per_sample=per_sample_dict)
     return result
 
 
@@ -355,5 +372,5 @@ def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: i
                             f"{', '.join(map(str, imported.network.input_shape))})")
     xs = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
     run = traces_over(imported, xs, None, provider, precision=precision)
-    layers, trace, _, ms, _, _, _, _, _ = summarise(imported, run.sums, False)
-    return layers, trace, ms
+    summary = summarise(imported, run.sums, False)
+    return summary.layers, summary.trace, summary.minimum_sharpness

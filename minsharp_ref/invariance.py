@@ -76,8 +76,8 @@ class InvarianceResult:
 
 def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, check: bool):
     run = traces_over(imported, iter(batches), None, provider, check=check)
-    _, trace, _, ms, *_ = summarise(imported, run.sums, False)
-    return trace, ms, run.provider
+    summary = summarise(imported, run.sums, False)
+    return summary.trace, summary.minimum_sharpness, run.provider
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
