@@ -334,16 +334,21 @@ def _leaky(node, ctx):
     if node.op_type == "LeakyRelu":
         slope = np.asarray(float(_attrs(node).get("alpha", 0.01)))
     else:
-        slope = _const(node, ctx, 1, "slope").astype(np.float64)
-        shape = ctx.shapes[x]
-        if slope.ndim == len(shape) + 1 and slope.shape[0] == 1:
-            slope = slope[0]
-        try:
-            if np.broadcast_shapes(shape, slope.shape) != shape:
-                raise ValueError
-        except ValueError:
-            raise _fail(node, f"slope of shape {slope.shape} does not broadcast to {shape}") from None
+        slope = _per_sample_constant(node, _const(node, ctx, 1, "slope"), ctx.shapes[x], "slope")
     _emit(ctx, node, ir.LeakyRelu, x, slope=slope)
+
+
+def _per_sample_constant(node, c: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A constant that broadcasts over one sample (a leading batch axis of 1 is dropped)."""
+    c = c.astype(np.float64)
+    if c.ndim == len(shape) + 1 and c.shape[0] == 1:
+        c = c[0]
+    try:
+        if np.broadcast_shapes(shape, c.shape) != shape:
+            raise ValueError
+    except ValueError:
+        raise _fail(node, f"{what} of shape {c.shape} does not broadcast to {shape}") from None
+    return c
 
 
 def _reshape_to(node, ctx, x: str, per_sample: tuple[int, ...]):
@@ -459,13 +464,7 @@ def _elementwise(node, ctx):
         raise _fail(node, "an elementwise operation with a constant after a parameterised "
                           "layer is not positively homogeneous (only a bias right after "
                           "MatMul or Conv is)")
-    if c.ndim == len(shape) + 1 and c.shape[0] == 1:
-        c = c[0]
-    try:
-        if np.broadcast_shapes(shape, c.shape) != shape:
-            raise ValueError
-    except ValueError:
-        raise _fail(node, f"constant of shape {c.shape} does not broadcast to {shape}") from None
+    c = _per_sample_constant(node, c, shape, "constant")
     one, zero = np.ones(()), np.zeros(())
     if node.op_type == "Add":
         scale, shift = one, c
