@@ -108,5 +108,7 @@ def _newton(t, u, beta):
             s *= 0.5
             if s < 1e-12:  # no decrease representable: at the minimum to rounding
                 return beta, rel, it, True
+        if f_new >= f:  # the decrease is below the rounding of F: at the minimum
+            return beta, rel, it, True
         beta, f, grad, hess = candidate, f_new, grad_new, hess_new
     return beta, float(np.linalg.norm(basis.T @ grad) / f), MAX_ITERATIONS, False

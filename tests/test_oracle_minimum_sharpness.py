@@ -357,3 +357,32 @@ def test_wrong_transform_is_detected(name, alpha):
     _, _, ms_wrong = score(wrong, x)
     assert ms_right == pytest.approx(ms0, rel=1e-9)
     assert abs(ms_wrong - ms0) > 1e-4 * ms0
+
+
+# --------------------------------------------- regressions: traces over ~16 decades
+
+# Cases where an earlier Newton solver (np.linalg.solve, 200 iterations) raised LinAlgError
+# (first) or stopped early with the value off by 12 orders of magnitude (second: returned
+# 3.77e14 instead of 194.74). Expected values: scipy_minimum above (which converges here).
+WIDE_RANGE = [
+    ([1e-5, 1e-8, 1e8], [0.0, 1e7, 0.0]),
+    ([3.3204918474619893e-07, 0.011562296724439688, 1.4915833917276966e-06, 4305056.940060106,
+      7146.883593982776, 0.10689759372252237, 1.356532996627267e-07],
+     [0.0, 0.0, 200883.4741433363, 0.0, 6.069302933557667e-07, 0.0, 0.0]),
+]
+
+
+@pytest.mark.parametrize("t,u", WIDE_RANGE)
+def test_minimum_sharpness_wide_range_regressions(t, u):
+    t, u = np.array(t), np.array(u)
+    want, converged = scipy_minimum(t, u)
+    assert converged
+    got = minimum_sharpness(t, u)
+    assert got.value == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("t,u", WIDE_RANGE)
+def test_minimum_sharpness_wide_range_reports_convergence(t, u):
+    got = minimum_sharpness(np.array(t), np.array(u))
+    assert got.gradient_norm < 1e-12
+    assert got.converged

@@ -11,10 +11,9 @@ so every per-tensor trace must match to rtol 1e-9, with an absolute slack of onl
 1e-12 × (total trace) for traces that are (near) zero.
 
 About dtypes: onnxruntime's CPU provider has no float64 kernels for Conv, AveragePool and
-GlobalAveragePool, and ``score_arrays`` (even with provider="numpy") runs onnxruntime once
-for its fidelity check, so DOUBLE conv models cannot be scored (see
-``test_double_conv_model_scores_with_numpy_provider``, xfail). Conv nets are therefore
-stored as FLOAT: the package computes in float64 from the float32 values, and the oracle
+GlobalAveragePool, so it cannot cross-check DOUBLE conv models (the numpy path scores them,
+skipping its fidelity check with a warning: ``test_double_conv_model_scores_with_numpy_provider``).
+Conv nets are therefore mostly stored as FLOAT, so that onnxruntime can check the oracle: the package computes in float64 from the float32 values, and the oracle
 evaluates a DOUBLE copy of the same model (float32 values are exact in float64), so both
 sides compute the same mathematical function in float64 and the 1e-9 tolerance still holds.
 """
