@@ -21,7 +21,7 @@ from .sharpness import minimum_sharpness
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
 DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
-DEFAULT_BATCH_SIZE = 1000
+DEFAULT_BATCH_SIZE = 256
 #: Samples of the first batch on which the IR and onnxruntime logits are compared.
 FIDELITY_SAMPLES = 64
 
@@ -120,15 +120,17 @@ class TraceSums:
 
 
 def batch_size_for(network: Network, memory_budget: int, requested: Optional[int]) -> int:
-    """The requested batch size (default 1000), lowered so that one batch fits the budget."""
+    """The requested batch size (default 256), lowered so that the ENGINE_WORKERS batches
+    in flight fit the budget together."""
     if requested is not None and requested < 1:
         raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
-    per_sample = bytes_per_sample(network)
+    per_sample = bytes_per_sample(network) * ENGINE_WORKERS
     if per_sample > memory_budget:
-        raise MinsharpError(f"one sample needs about {per_sample / 2 ** 20:.1f} MiB in the engine, "
-                            f"more than --memory-budget ({memory_budget / 2 ** 20:.1f} MiB)")
+        raise MinsharpError(f"one sample in each of the {ENGINE_WORKERS} engine workers needs "
+                            f"about {per_sample / 2 ** 20:.1f} MiB, more than --memory-budget "
+                            f"({memory_budget / 2 ** 20:.1f} MiB)")
     fit = memory_budget // per_sample
     return int(min(requested or DEFAULT_BATCH_SIZE, fit))
 
@@ -149,60 +151,97 @@ class EngineRun:
     warnings: list = field(default_factory=list)
 
 
+#: Batches processed at once, each by one worker thread with single-threaded BLAS (numpy's
+#: elementwise work is single-threaded, so two workers use both cores). Fixed, not the
+#: machine's core count, so that the batch size and every result are the same everywhere.
+ENGINE_WORKERS = 2
+
+
+@dataclass
+class _Batch:
+    x: np.ndarray
+    logits: np.ndarray
+    traces: np.ndarray
+    diagonal: Optional[dict]
+    seconds: tuple[float, float]  # forward, engine
+
+
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
                 precision: str = "float64", check: bool = True, diagonal: bool = False,
                 per_sample: bool = False) -> EngineRun:
-    """Run forward + engine over batches, accumulating in float64."""
+    """Run forward + engine over batches, ENGINE_WORKERS batches at a time, and accumulate
+    the results in float64 in batch order."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
     network = imported.network
     if precision not in PRECISIONS:
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
     dtype = PRECISIONS[precision]
     signal_network = network if dtype == np.float64 else network.astype(dtype)
-    forward = make_forward(imported.proto, network, provider)
+    forward = make_forward(imported.proto, network, provider, threads=1)
+
+    def job(x: np.ndarray) -> _Batch:
+        t0 = time.perf_counter()
+        logits, inputs = forward(x)
+        if not np.all(np.isfinite(logits)):
+            return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
+        t1 = time.perf_counter()
+        traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
+            if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
+        return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
+
     sums = TraceSums(len(tensor_columns(network)))
     t_forward = t_engine = 0.0
     fidelity = None
     diag_sums: Optional[dict] = None
     rows = []
     warnings = []
-    for x in xs:
-        t0 = time.perf_counter()
-        logits, inputs = forward(x)
-        if not np.all(np.isfinite(logits)):
-            bad = int(np.argmax(~np.isfinite(logits).all(axis=1)))
+
+    def consume(batch: _Batch):
+        nonlocal fidelity, check, diag_sums, t_forward, t_engine
+        if not np.all(np.isfinite(batch.logits)):
+            bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
             raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
                                 "overflows on this input")
-        t1 = time.perf_counter()
-        if fidelity is None and check:
+        if check:
             m = FIDELITY_SAMPLES
             try:
-                fidelity = check_fidelity(imported.proto, network, x[:m],
-                                          None if forward.name == "numpy" else logits[:m])
+                fidelity = check_fidelity(imported.proto, network, batch.x[:m],
+                                          None if forward.name == "numpy" else batch.logits[:m])
             except OrtUnavailable as exc:  # only reachable on the numpy path
                 warnings.append(f"import fidelity not checked: {exc}")
             check = False
-            t1 = time.perf_counter()
-        if diagonal:
-            traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True)
-            diag_sums = diag if diag_sums is None else {k: diag_sums[k] + v for k, v in diag.items()}
-        else:
-            traces = per_sample_traces(signal_network, inputs, logits, dtype)
-        if not np.all(np.isfinite(traces)):
+        if not np.all(np.isfinite(batch.traces)):
             raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
-        sums.add(traces)
+        if batch.diagonal is not None:
+            diag_sums = batch.diagonal if diag_sums is None else \
+                {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
+        sums.add(batch.traces)
         if per_sample:
-            rows.append(traces)
-        t_engine += time.perf_counter() - t1
-        t_forward += t1 - t0
+            rows.append(batch.traces)
+        t_forward += batch.seconds[0]
+        t_engine += batch.seconds[1]
         if labels is not None:
-            y = labels[sums.n - len(x):sums.n]
-            z = logits - logits.max(axis=1, keepdims=True)
+            y = labels[sums.n - len(batch.x):sums.n]
+            z = batch.logits - batch.logits.max(axis=1, keepdims=True)
             lse = np.log(np.exp(z).sum(axis=1))
             sums.loss += float(np.sum(lse - z[np.arange(len(y)), y]))
-            sums.correct += int(np.sum(np.argmax(logits, axis=1) == y))
+            sums.correct += int(np.sum(np.argmax(batch.logits, axis=1) == y))
         if progress:
-            progress(len(x))
+            progress(len(batch.x))
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(ENGINE_WORKERS) as pool:
+        pending: deque = deque()
+        for x in xs:
+            pending.append(pool.submit(job, x))
+            if len(pending) >= ENGINE_WORKERS:
+                consume(pending.popleft().result())
+        while pending:
+            consume(pending.popleft().result())
     if sums.n == 0:
         raise MinsharpError("no samples to score")
     return EngineRun(

@@ -98,23 +98,21 @@ def _(layer: Pad2d, g, a):
 
 @backprop.register
 def _(layer: MaxPool2d, g, a):
-    """MaxPool: route each signal to its window's arg-max (first index on ties)."""
+    """MaxPool: route each signal to its window's arg-max (first index on ties), adding up
+    where overlapping windows share an arg-max: one bincount over flat input positions."""
     geom = layer.geometry
-    (kh, kw), n = geom.kernel, g.shape[0]
-    argmax = layer.window_argmax(a)[:, None]  # (N, 1, C, Ho, Wo)
-    ho, wo = g.shape[3:]
-    if geom.stride == geom.kernel and geom.pads == (0, 0, 0, 0) and geom.dilation == (1, 1) \
-            and ho * kh <= a.shape[2] and wo * kw <= a.shape[3]:
-        # non-overlapping windows: one broadcast product, no scatter
-        onehot = argmax.reshape(n, 1, -1, ho, 1, wo, 1) == (
-            np.arange(kh)[:, None, None] * kw + np.arange(kw)).reshape(1, 1, 1, 1, kh, 1, kw)
-        out = np.zeros(g.shape[:3] + a.shape[2:], dtype=g.dtype)
-        out[..., :ho * kh, :wo * kw] = (g[:, :, :, :, None, :, None] * onehot).reshape(
-            g.shape[:3] + (ho * kh, wo * kw))
-        return out
-    buf = np.empty_like(g)
-    return scatter_windows(lambda i, j: np.multiply(g, argmax == i * kw + j, out=buf), geom,
-                           a.shape[2:], g.shape[:3], dtype=g.dtype)
+    kh, kw = geom.kernel
+    n, k, c, ho, wo = g.shape
+    h, w = a.shape[2:]
+    arg = layer.window_argmax(a)  # (N, C, Ho, Wo), flat kernel offset i·kw + j
+    rows = np.arange(ho)[:, None] * geom.stride[0] - geom.pads[0] + (arg // kw) * geom.dilation[0]
+    cols = np.arange(wo)[None, :] * geom.stride[1] - geom.pads[1] + (arg % kw) * geom.dilation[1]
+    position = rows * w + cols  # (N, C, Ho, Wo), never in the padding
+    plane = (np.arange(n)[:, None, None] * k + np.arange(k)[None, :, None]) * c \
+        + np.arange(c)[None, None, :]  # (N, K, C): index of each (sample, signal, channel) map
+    flat = plane[..., None] * (h * w) + position.reshape(n, 1, c, ho * wo)
+    out = np.bincount(flat.reshape(-1), weights=g.reshape(-1), minlength=n * k * c * h * w)
+    return out.reshape(n, k, c, h, w).astype(g.dtype, copy=False)
 
 
 @backprop.register

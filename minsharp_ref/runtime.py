@@ -90,7 +90,7 @@ class NumpyForward:
 class OrtForward:
     """onnxruntime forward with the engine's intermediate tensors as extra graph outputs."""
 
-    def __init__(self, proto: onnx.ModelProto, network: Network, provider: str):
+    def __init__(self, proto: onnx.ModelProto, network: Network, provider: str, threads: int = 0):
         import onnxruntime as ort
 
         self.network = network
@@ -104,7 +104,7 @@ class OrtForward:
         model.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem, None) for n in self.fetch)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = 0
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
         try:
             with _quiet_stderr():
@@ -129,8 +129,9 @@ class OrtForward:
         return np.asarray(got[self.network.logits_name], dtype=np.float64), inputs
 
 
-def make_forward(proto: onnx.ModelProto, network: Network, provider: str):
-    """The forward for --provider auto|cuda|cpu|numpy."""
+def make_forward(proto: onnx.ModelProto, network: Network, provider: str, threads: int = 0):
+    """The forward for --provider auto|cuda|cpu|numpy (``threads``: onnxruntime intra-op
+    threads, 0 for its default)."""
     if provider not in PROVIDERS:
         raise MinsharpError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if provider == "numpy":
@@ -139,7 +140,7 @@ def make_forward(proto: onnx.ModelProto, network: Network, provider: str):
         raise MinsharpError("--provider cuda: onnxruntime's CUDA provider does not load on this machine")
     if provider == "auto":
         provider = "cuda" if cuda_usable() else "cpu"
-    return OrtForward(proto, network, provider)
+    return OrtForward(proto, network, provider, threads)
 
 
 #: Fidelity tolerance between onnxruntime's logits and the float64 IR forward:

@@ -75,8 +75,9 @@ def minimum_sharpness(t, u=None) -> MinimumSharpness:
 
 def _objective(t, u, beta):
     """F(β), its gradient and Hessian (in β ∈ R^D; the constraint is applied by projection)."""
-    wt = t * np.exp(-2 * beta)
-    wu = u * np.exp(-2 * np.cumsum(beta))
+    with np.errstate(over="ignore", invalid="ignore"):  # a too-long trial step gives inf: rejected
+        wt = t * np.exp(-2 * beta)
+        wu = u * np.exp(-2 * np.cumsum(beta))
     tail = np.cumsum(wu[::-1])[::-1]  # tail[d] = Σ_{e≥d} wu_e
     f = wt.sum() + wu.sum()
     grad = -2 * wt - 2 * tail
