@@ -144,3 +144,31 @@ def test_script_output_is_accepted_by_verify(tmp_path):
         "--rtol", "1e-9", "--atol", "0", "--atol", "diagonal:1e-15"])
     assert r.exit_code == 0, r.output
     assert "data mismatch" not in r.output and "FAIL" not in r.output
+
+
+@pytest.mark.parametrize("stem", MODELS)
+def test_verify_passes_on_torch_document_and_fails_on_one_percent(stem, tmp_path):
+    """Issue 5's definition of done, for every fixture: `verify` passes on the document the
+    torch cross-check writes, and fails (exit 1, one FAIL row) once one trace is off by 1%."""
+    from typer.testing import CliRunner
+
+    from minsharp_ref.cli import app
+
+    out, diag_out = tmp_path / "expected.json", tmp_path / "expected_diag.npz"
+    model = FIXTURES / f"{stem}.onnx"
+    assert ref.main([str(model), str(MNIST), "--limit", "4", "--out", str(out),
+                     "--diag-out", str(diag_out)]) == 0
+    # diagonal entries far below their tensor's largest lose relative accuracy in torch's
+    # explicit diag(Jᵀ A J) (A's diagonal cancels): an absolute slack of 1e-12 covers them
+    args = ["verify", str(model), "--data", str(MNIST), "--mean", "0.5", "--std", "0.5",
+            "--limit", "4", "--rtol", "1e-9", "--atol", "0", "--atol", "diagonal:1e-12"]
+    r = CliRunner().invoke(app, [*args, "--expected", str(out), "--expected-diag", str(diag_out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    first = next(iter(doc["traces"]))
+    doc["traces"][first] *= 1.01
+    out.write_text(json.dumps(doc))
+    r = CliRunner().invoke(app, [*args, "--expected", str(out)])
+    assert r.exit_code == 1, r.output
+    failing = [line for line in r.stdout.splitlines() if line.rstrip().endswith("FAIL")]
+    assert len(failing) == 1 and first in failing[0]
