@@ -22,8 +22,10 @@ from .sharpness import minimum_sharpness
 SCORE_SCHEMA = "minsharp-ref/score/v1"
 DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_BATCH_BYTES = 128 * 1024 ** 2  # per batch, for the default batch size
 #: Samples of the first batch on which the IR and onnxruntime logits are compared.
 FIDELITY_SAMPLES = 64
+PRECISIONS = {"float64": np.float64, "float32": np.float32}
 
 
 @dataclass(frozen=True)
@@ -119,23 +121,24 @@ class TraceSums:
         return float(math.sqrt(max(weights @ cov @ weights, 0.0) / self.n))
 
 
-def batch_size_for(network: Network, memory_budget: int, requested: Optional[int]) -> int:
-    """The requested batch size (default 256), lowered so that the ENGINE_WORKERS batches
-    in flight fit the budget together."""
+def batch_size_for(network: Network, memory_budget: int, requested: Optional[int],
+                   precision: str = "float64") -> int:
+    """The requested batch size, lowered so that the ENGINE_WORKERS batches in flight fit
+    the budget together. By default, at most 256 samples and about DEFAULT_BATCH_BYTES of
+    engine memory per batch: small batches stay in cache (LeNet: ~40 samples)."""
     if requested is not None and requested < 1:
         raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
-    per_sample = bytes_per_sample(network) * ENGINE_WORKERS
+    itemsize = np.dtype(PRECISIONS.get(precision, np.float64)).itemsize
+    per_sample = bytes_per_sample(network, itemsize) * ENGINE_WORKERS
     if per_sample > memory_budget:
         raise MinsharpError(f"one sample in each of the {ENGINE_WORKERS} engine workers needs "
                             f"about {per_sample / 2 ** 20:.1f} MiB, more than --memory-budget "
                             f"({memory_budget / 2 ** 20:.1f} MiB)")
     fit = memory_budget // per_sample
-    return int(min(requested or DEFAULT_BATCH_SIZE, fit))
-
-
-PRECISIONS = {"float64": np.float64, "float32": np.float32}
+    default = max(1, min(DEFAULT_BATCH_SIZE, DEFAULT_BATCH_BYTES * ENGINE_WORKERS // per_sample))
+    return int(min(requested or default, fit))
 
 
 @dataclass
@@ -355,7 +358,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         check_finite(dataset)
         check_labels(dataset, network.num_classes)
         prep = Preprocessing(mean, std)
-        bs = batch_size_for(network, memory_budget, batch_size)
+        bs = batch_size_for(network, memory_budget, batch_size, precision)
         if on_start:
             on_start(dataset.samples)
         run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), dataset.y,

@@ -161,7 +161,7 @@ def score(
     mean: Optional[str] = typer.Option(None, help="Mean to subtract: a scalar or one per channel, comma-separated."),
     std: Optional[str] = typer.Option(None, help="Std to divide by: a scalar or one per channel."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default 1000, lowered to fit --memory-budget)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default: up to 256, about 128 MiB of engine memory; lowered to fit --memory-budget)."),
     memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for one batch of the engine, e.g. 512M, 2G."),
     provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
     precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (about 2x faster; sums stay float64)."),

@@ -1,20 +1,23 @@
-"""Exact per-tensor Hessian traces by back-propagating the K rows of S (spec section 2).
+"""Exact per-tensor Hessian traces by back-propagating a factor of the loss Hessian in the
+logits (spec section 2).
 
-With p = softmax(z) the loss Hessian in the logits factors as A = diag(p) − ppᵀ = SᵀS,
-S = diag(√p)(I − 1pᵀ). Back-propagating the K rows of S from the logits gives, at each
-layer output z_d, K signals g_k = S_k ∂z/∂z_d, and
+With p = softmax(z) the loss Hessian in the logits is A = diag(p) − ppᵀ = SᵀS. The spec's S
+has the K rows √p_k (e_k − p); ``loss_hessian_sqrt`` builds an exact factor with K − 1 rows.
+Back-propagating its rows from the logits gives, at each layer output z_d, signals
+g_k = S_k ∂z/∂z_d, and
 
     Tr H_dd = (1/N) Σ_n Σ_k ‖g_nk ∂z_d/∂θ_d‖²                      (spec section 2)
 
 because the logits are linear in any one parameter tensor once the activation pattern is
 fixed. Two kinds of rule keep apart how signals travel and what is measured (as BackPACK):
 
-* ``backprop(layer, g, a)`` moves signals g (N, K, *out_shape) from a layer's output to its
+* ``backprop(layer, g, a)`` moves signals g (N, R, *out_shape) from a layer's output to its
   input (a is the layer's input, needed for masks and arg-max routing);
-* ``measure(layer, g, a)`` turns the signals at a parameterised layer's output into the
-  per-sample traces of its weight and bias.
+* ``measure(layer, g, a)`` (and ``measure_diagonal``) turn the signals at a parameterised
+  layer's output into the per-sample traces (the diagonal) of its weight and bias.
 
-Everything here is float64 and vectorised over samples, signals and positions.
+Everything is vectorised over samples, signals and positions; signals are float64 (the
+reference) or float32 (``--precision float32``), and every reduction is float64.
 """
 
 from __future__ import annotations
@@ -318,25 +321,26 @@ def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
 
 
 def bytes_per_sample(network: Network, itemsize: int = 8) -> int:
-    """Rough peak float64 bytes per sample of one engine batch: the stored layer inputs plus
-    the largest layer's K-fold signals and its temporaries (im2col columns, Gram matrices,
-    one-hot arg-max routing)."""
-    k = network.num_classes
+    """Rough peak bytes per sample of one engine batch: the stored float64 layer inputs plus,
+    at the largest layer, the signals on both sides and the temporaries of its rules (im2col
+    columns and the trace products of a conv, the flat indices of max-pool routing), at
+    ``itemsize`` bytes per signal element. The conv back-propagation's own columns are
+    chunked to CONV_CHUNK_BYTES and do not grow with the batch."""
+    k = network.num_classes - 1  # signals per sample (loss_hessian_sqrt)
     shapes = network.layer_shapes()
-    stored = sum(int(np.prod(s)) for s in shapes)
+    stored = 8 * sum(int(np.prod(s)) for s in shapes)
     peak = 0
     for i in range(first_param_index(network), len(network.layers)):
         layer, a, z = network.layers[i], int(np.prod(shapes[i])), int(np.prod(shapes[i + 1]))
-        need = 3 * k * (a + z)
+        need = 2 * k * (a + z) * itemsize
         if isinstance(layer, Conv2d):
             q = layer.weight[0].size
-            ho, wo = shapes[i + 1][1:]
-            p = ho * wo
+            p = int(np.prod(shapes[i + 1][1:]))
             flops = conv_trace_flops(layer, shapes[i], k)
-            trace_tmp = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] else 2 * layer.groups * p * p
-            need += (k + 1) * layer.groups * q * p + trace_tmp
-        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
-            kh, kw = layer.geometry.kernel
-            need += 2 * k * z * kh * kw
+            product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
+                else 2 * layer.groups * p * p
+            need += (layer.groups * q * p + product) * itemsize
+        elif isinstance(layer, MaxPool2d):
+            need += 8 * k * z  # int64 flat positions
         peak = max(peak, need)
-    return 8 * stored + itemsize * peak
+    return stored + peak
