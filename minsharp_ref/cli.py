@@ -137,8 +137,8 @@ def format_score(result) -> str:
     if result.loss is not None:
         lines.append(f"loss {result.loss:.6g}   accuracy {result.accuracy:.4f}")
     t = result.timings
-    lines.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} "
-                 f"(forward {t['forward_s']:.3f}, traces {t['engine_s']:.3f})")
+    lines.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} (summed over the engine "
+                 f"workers: forward {t['forward_s']:.3f}, traces {t['engine_s']:.3f})")
     if result.measures is not None:
         ns = result.measures["normalised_sharpness"]
         lines.append(f"normalised sharpness {ns['value']:.8g}  (per layer: "
