@@ -58,7 +58,6 @@ class ImportedModel:
 
 @dataclass
 class _Context:
-    path: Path
     opset: int
     consts: dict[str, np.ndarray]
     #: constant name → (initializer or Constant output it came from, transposed?)
@@ -164,11 +163,6 @@ def _emit(ctx, node, layer_cls, in_name: str, **fields):
     ctx.layers.append(layer)
     ctx.shapes[node.output[0]] = tuple(int(s) for s in out_shape)
     ctx.live = node.output[0]
-
-
-def _require_params_allowed(node, ctx):
-    if ctx.logits is not None:
-        raise _fail(node, "a parameterised layer after post-processing")
 
 
 @converter("Gemm")
@@ -624,13 +618,14 @@ def import_model(path) -> ImportedModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MinsharpError(f"{path}: fails the ONNX checker: {first}") from None
     try:
-        network = convert(model, path)
+        network = convert(model)
     except MinsharpError as exc:
         raise MinsharpError(f"{path}: {exc}") from None
     return ImportedModel(path, hashlib.sha256(data).hexdigest(), model, network)
 
 
-def convert(model: onnx.ModelProto, path: Path = Path("<model>")) -> ir.Network:
+def convert(model: onnx.ModelProto) -> ir.Network:
+    """The IR of a checked ModelProto (errors name nodes, not the file: see import_model)."""
     graph = model.graph
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     opset = opsets.get("ai.onnx")
@@ -672,7 +667,7 @@ def convert(model: onnx.ModelProto, path: Path = Path("<model>")) -> ir.Network:
             raise MinsharpError(f'input "{inp.name}" has a dynamic dimension '
                                 f'{d.dim_param or "?"!r} at axis {axis}; a fixed per-sample shape is needed')
         per_sample.append(int(d.dim_value))
-    ctx = _Context(path, opset, consts, {n: (n, False) for n in consts})
+    ctx = _Context(opset, consts, {n: (n, False) for n in consts})
     ctx.shapes[inp.name] = tuple(per_sample)
     ctx.live = inp.name
     node_names = set()

@@ -29,12 +29,6 @@ class MinimumSharpness:
     converged: bool = True
 
 
-def rescaled_traces(t: np.ndarray, u: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Proposition 2: traces of T_α θ. t/α², u/c² with c_d = Π_{j≤d} α_j."""
-    c = np.cumprod(alpha)
-    return t / alpha ** 2, u / c ** 2
-
-
 def minimum_sharpness(t, u=None) -> MinimumSharpness:
     """Exact infimum of the trace over the α-scale transformations.
 
