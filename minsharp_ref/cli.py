@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import typer
 
 from . import __version__
-from .errors import MinsharpError
+from .errors import MinsharpError, first_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Exact Hessian traces and minimum sharpness of ReLU networks from ONNX.")
@@ -74,7 +74,7 @@ def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     except Exception as exc:  # a bug or an unforeseen input: still one line, no traceback
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         typer.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug "
                    "for the traceback)", err=True)
         raise typer.Exit(2)

@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import ir
-from .errors import MinsharpError
+from .errors import MinsharpError, first_line
 from .windows import Geometry
 
 #: Refuse model files larger than this before reading them (bytes).
@@ -539,7 +539,7 @@ def _fold(node: onnx.NodeProto, ctx: _Context, opsets) -> None:
     try:
         results = ReferenceEvaluator(model).run(None, {n: v for n, v in zip(names, inputs) if n})
     except Exception as exc:  # the evaluator's own message, on one line
-        raise _fail(node, f"cannot fold constant inputs: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise _fail(node, f"cannot fold constant inputs: {first_line(exc)}") from None
     for name, value in zip([o for o in node.output if o], results):
         ctx.consts[name] = np.asarray(value)
     if node.op_type == "Transpose" and node.input[0] in ctx.param_source and inputs[0].ndim == 2:
@@ -615,8 +615,7 @@ def import_model(path) -> ImportedModel:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MinsharpError(f"{path}: fails the ONNX checker: {first}") from None
+        raise MinsharpError(f"{path}: fails the ONNX checker: {first_line(exc)}") from None
     try:
         network = convert(model)
     except MinsharpError as exc:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .engine import needed_inputs
-from .errors import MinsharpError
+from .errors import MinsharpError, first_line
 from .ir import Network
 
 PROVIDERS = ("auto", "cuda", "cpu", "numpy")
@@ -110,8 +110,7 @@ class OrtForward:
             with _quiet_stderr():
                 self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OrtUnavailable(f"onnxruntime cannot load the model: {first}") from None
+            raise OrtUnavailable(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         self.name = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, x: np.ndarray):
@@ -119,8 +118,7 @@ class OrtForward:
         try:
             values = self.session.run(self.fetch, feed)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OrtUnavailable(f"onnxruntime failed on the model: {first}") from None
+            raise OrtUnavailable(f"onnxruntime failed on the model: {first_line(exc)}") from None
         got = dict(zip(self.fetch, values))
         got[self.network.input_name] = feed[self.network.input_name]
         inputs: list = [None] * len(self.network.layers)
