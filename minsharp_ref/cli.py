@@ -164,7 +164,7 @@ def score(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default: up to 256, about 128 MiB of engine memory; lowered to fit --memory-budget)."),
     memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for one batch of the engine, e.g. 512M, 2G."),
     provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
-    precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (about 2x faster; sums stay float64)."),
+    precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (faster on conv nets; sums stay float64)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
     diag_path: Optional[Path] = typer.Option(None, "--diag", help="Write the exact Hessian diagonal of every parameter tensor (.npz keyed by initializer name, float64)."),
     per_sample_path: Optional[Path] = typer.Option(None, "--per-sample", help="Write each sample's trace contributions (.npz keyed by initializer name, plus 'trace')."),
