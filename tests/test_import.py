@@ -223,3 +223,31 @@ def test_ort_forward_exposes_layer_inputs():
     for got, ref in zip(inputs, ref_inputs):
         if got is not None:
             np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * (1 + np.abs(ref).max()))
+
+
+def test_postprocessing_tail_argmax_logsoftmax_cast_zipmap():
+    """A classifier tail as sklearn-style converters write it: Softmax → ZipMap (ai.onnx.ml)
+    beside ArgMax → Cast, and a LogSoftmax output; all stripped, the Gemm output scored."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "b"], ["z"], name="head", transB=1),
+        helper.make_node("Softmax", ["z"], ["p"], name="softmax", axis=1),
+        helper.make_node("ZipMap", ["p"], ["probs"], name="zipmap", domain="ai.onnx.ml",
+                         classlabels_int64s=[0, 1, 2]),
+        helper.make_node("ArgMax", ["z"], ["label64"], name="argmax", axis=1, keepdims=0),
+        helper.make_node("Cast", ["label64"], ["label"], name="cast", to=TensorProto.INT32),
+        helper.make_node("LogSoftmax", ["z"], ["logp"], name="logsoftmax", axis=1),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("label", TensorProto.INT32, ["N"]),
+        helper.make_tensor_value_info("logp", TensorProto.FLOAT, ["N", 3]),
+        helper.make_value_info("probs", helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              outputs, [const("W", (3, 4)), const("b", (3,))])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+                          ir_version=8)
+    onnx.checker.check_model(m)
+    net = faithful(m, (4,))
+    assert net.logits_name == "z"
+    assert {p.split(" ")[0] for p in net.postprocessing} == {"Softmax", "ZipMap", "ArgMax", "Cast", "LogSoftmax"}
