@@ -116,3 +116,19 @@ def test_no_traceback_from_the_real_console_script(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cuda_provider_is_probed_quietly(capfd):
+    """auto falls back to the CPU without native error spam; an explicit --provider cuda on a
+    machine where CUDA does not load is a clean error."""
+    from minsharp_ref.runtime import cuda_usable
+
+    r = invoke("score", MLP, "--data", MNIST, *NORM, "--limit", 20)
+    assert r.exit_code == 0
+    expected = "forward: cuda" if cuda_usable() else "forward: cpu"
+    assert expected in r.stdout
+    assert "CUDA" not in capfd.readouterr().err  # nothing from the native libraries
+    if not cuda_usable():
+        r = invoke("score", MLP, "--data", MNIST, "--provider", "cuda")
+        assert r.exit_code == 2
+        assert "--provider cuda: onnxruntime's CUDA provider does not load on this machine" in r.stderr
