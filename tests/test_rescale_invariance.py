@@ -126,3 +126,27 @@ def test_alpha_parameters_follow_section_3():
         np.testing.assert_array_equal(p[layer.weight_name], layer.weight * alpha[d])
         np.testing.assert_array_equal(p[layer.bias_name], layer.bias * c[d])
     assert c[-1] == pytest.approx(1.0)
+
+
+def test_rescale_updates_constant_node_weights_and_transposed_matmul(tmp_path):
+    """Parameters held in Constant nodes, and MatMul weights stored (in, out), are rescaled
+    in place; the written model computes the same function."""
+    from onnx import TensorProto, helper
+
+    w1 = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["W1"], name="w1", value=numpy_helper.from_array(w1, "W1v")),
+             helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("Gemm", ["a", "W2"], ["y"], name="head", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.ones((3, 4), np.float32), "W2")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
+    out = tmp_path / "r.onnx"
+    r = runner.invoke(app, ["rescale", str(src), "-o", str(out), "--alpha", "8,0.125"])
+    assert r.exit_code == 0, r.output
+    scaled = onnx.load(str(out))
+    const = next(n for n in scaled.graph.node if n.op_type == "Constant")
+    np.testing.assert_array_equal(numpy_helper.to_array(const.attribute[0].t), w1 * 8)
+    np.testing.assert_array_equal(numpy_helper.to_array(scaled.graph.initializer[0]), np.full((3, 4), 0.125, np.float32))
