@@ -337,6 +337,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           batch_size: Optional[int] = None, provider: str = "auto",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
           diagonal: bool = False, per_sample: bool = False, measures: bool = False,
+          input_shape: Optional[Sequence[int]] = None,
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
@@ -350,7 +351,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     on bad input.
     """
     start = time.perf_counter()
-    imported = model if isinstance(model, ImportedModel) else import_model(model)
+    imported = model if isinstance(model, ImportedModel) else import_model(
+        model, None if input_shape is None else tuple(input_shape))
     t_import = time.perf_counter() - start
     network = imported.network
     dataset = open_dataset(data, split, x_key, y_key, limit)

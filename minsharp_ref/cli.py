@@ -41,6 +41,15 @@ def check_output_dir(path: Path) -> Path:
     return directory
 
 
+def _ints(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise MinsharpError(f"{option} must be comma-separated integers, not {text!r}") from None
+
+
 def write_atomically(path: Path, data) -> None:
     """Write text or bytes to a temporary file beside ``path`` and rename it over ``path``:
     never a partial file."""
@@ -169,6 +178,7 @@ def score(
     diag_path: Optional[Path] = typer.Option(None, "--diag", help="Write the exact Hessian diagonal of every parameter tensor (.npz keyed by initializer name, float64)."),
     per_sample_path: Optional[Path] = typer.Option(None, "--per-sample", help="Write each sample's trace contributions (.npz keyed by initializer name, plus 'trace')."),
     measures: bool = typer.Option(False, "--measures", help="Also report normalised sharpness and the per-layer traces at alpha*."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, for models whose input has dynamic dimensions."),
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
@@ -188,7 +198,8 @@ def score(
                            batch_size=batch_size, provider=provider,
                            memory_budget=parse_bytes(memory_budget), precision=precision,
                            diagonal=diag_path is not None, per_sample=per_sample_path is not None,
-                           measures=measures, progress=progress,
+                           measures=measures, input_shape=_ints(input_shape, "--input-shape"),
+                           progress=progress,
                            on_start=progress.start)
         if diag_path is not None:
             write_atomically(diag_path, npz_bytes(result.diagonal))
@@ -392,6 +403,7 @@ def verify(
     limit: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     provider: str = typer.Option("numpy", help="numpy (float64 reference, default) | auto | cuda | cpu."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     rtol: list[str] = typer.Option([], "--rtol", help=f"Relative tolerance (default {1e-5:g}); 'quantity:value' overrides one quantity."),
     atol: list[str] = typer.Option([], "--atol", help=f"Absolute tolerance (default {1e-8:g}); 'quantity:value' overrides one."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
@@ -414,7 +426,8 @@ def verify(
         result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
                            batch_size=batch_size, provider=provider,
-                           diagonal=theirs_diag is not None)
+                           diagonal=theirs_diag is not None,
+                           input_shape=_ints(input_shape, "--input-shape"))
         notes = data_mismatches(result, theirs)
         for note in notes:
             typer.echo(f"data mismatch: {note}")

@@ -607,8 +607,10 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         del tensor.external_data[:]
 
 
-def import_model(path) -> ImportedModel:
-    """Read, check and convert an ONNX model file; raise MinsharpError on anything refused."""
+def import_model(path, input_shape: Optional[tuple[int, ...]] = None) -> ImportedModel:
+    """Read, check and convert an ONNX model file; raise MinsharpError on anything refused.
+    ``input_shape`` (per sample) fixes dynamic input dimensions and must agree with the
+    static ones."""
     path = Path(path)
     model, data = _read_model(path)
     _load_external_data(model, path)
@@ -617,13 +619,13 @@ def import_model(path) -> ImportedModel:
     except Exception as exc:
         raise MinsharpError(f"{path}: fails the ONNX checker: {first_line(exc)}") from None
     try:
-        network = convert(model)
+        network = convert(model, input_shape)
     except MinsharpError as exc:
         raise MinsharpError(f"{path}: {exc}") from None
     return ImportedModel(path, hashlib.sha256(data).hexdigest(), model, network)
 
 
-def convert(model: onnx.ModelProto) -> ir.Network:
+def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = None) -> ir.Network:
     """The IR of a checked ModelProto (errors name nodes, not the file: see import_model)."""
     graph = model.graph
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
@@ -660,12 +662,21 @@ def convert(model: onnx.ModelProto) -> ir.Network:
     dims = list(ttype.shape.dim)
     if len(dims) < 2:
         raise MinsharpError(f'input "{inp.name}" has rank {len(dims)}; need (batch, features...)')
+    if input_shape is not None and len(input_shape) != len(dims) - 1:
+        raise MinsharpError(f'--input-shape {",".join(map(str, input_shape))} has {len(input_shape)} '
+                            f'dimensions; input "{inp.name}" has {len(dims) - 1} per sample')
     per_sample = []
     for axis, d in enumerate(dims[1:], start=1):
-        if not d.HasField("dim_value") or d.dim_value <= 0:
+        static = d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        given = None if input_shape is None else int(input_shape[axis - 1])
+        if given is not None and (given < 1 or (static is not None and given != static)):
+            raise MinsharpError(f'--input-shape gives {given} at axis {axis}; input "{inp.name}" '
+                                f"has {static if static is not None else 'a dynamic dimension'} there")
+        if static is None and given is None:
             raise MinsharpError(f'input "{inp.name}" has a dynamic dimension '
-                                f'{d.dim_param or "?"!r} at axis {axis}; a fixed per-sample shape is needed')
-        per_sample.append(int(d.dim_value))
+                                f'{d.dim_param or "?"!r} at axis {axis}; a fixed per-sample shape '
+                                "is needed (--input-shape)")
+        per_sample.append(static if static is not None else given)
     ctx = _Context(opset, consts, {n: (n, False) for n in consts})
     ctx.shapes[inp.name] = tuple(per_sample)
     ctx.live = inp.name

@@ -132,3 +132,26 @@ def test_cuda_provider_is_probed_quietly(capfd):
         r = invoke("score", MLP, "--data", MNIST, "--provider", "cuda")
         assert r.exit_code == 2
         assert "--provider cuda: onnxruntime's CUDA provider does not load on this machine" in r.stderr
+
+
+def test_input_shape_fixes_dynamic_dimensions(tmp_path):
+    import onnx
+
+    model = onnx.load(str(FIXTURES / "smallcnn_dynamo.onnx"))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, str(path))
+    base = ["score", path, "--data", MNIST, *NORM, "--limit", 16]
+    r = invoke(*base)
+    assert r.exit_code == 2 and "dynamic dimension 'height' at axis 2" in r.stderr and "--input-shape" in r.stderr
+    fixed = invoke(*base, "--input-shape", "1,28,28", "--json", tmp_path / "a.json")
+    assert fixed.exit_code == 0, fixed.output
+    same = invoke("score", FIXTURES / "smallcnn_dynamo.onnx", "--data", MNIST, *NORM, "--limit", 16,
+                  "--json", tmp_path / "b.json")
+    assert same.exit_code == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["minimum_sharpness"] == b["minimum_sharpness"] and a["trace"] == b["trace"]
+    for shape, text in [("1,28", "has 2 dimensions"), ("2,28,28", "gives 2 at axis 1"), ("1,x,28", "integers")]:
+        r = invoke(*base, "--input-shape", shape)
+        assert r.exit_code == 2 and text in r.stderr, (shape, r.stderr)
