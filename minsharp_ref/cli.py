@@ -256,6 +256,7 @@ def rescale(
     x_key: Optional[str] = typer.Option(None, "--x-key"),
     mean: Optional[str] = typer.Option(None),
     std: Optional[str] = typer.Option(None),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons).
@@ -271,7 +272,7 @@ def rescale(
                               neuron_parameters, random_alpha)
         from .runtime import FIDELITY_RTOL, OrtForward
 
-        imported = import_model(model)
+        imported = import_model(model, _ints(input_shape, "--input-shape"))
         network = imported.network
         rng = np.random.default_rng(seed)
         chosen = [name for name, on in (("--alpha", alpha is not None), ("--random", random),
@@ -338,6 +339,7 @@ def invariance(
     spread: float = typer.Option(6.0, help="Decades spanned by the drawn α (at least 6 recommended)."),
     rtol: Optional[float] = typer.Option(None, help="Tolerance on the relative MS deviation (default 1e-9 for numpy, 1e-4 for onnxruntime)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
@@ -353,7 +355,7 @@ def invariance(
             raise MinsharpError(f"--trials must be at least 1, not {trials}")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        imported = import_model(model)
+        imported = import_model(model, _ints(input_shape, "--input-shape"))
         network = imported.network
         dataset = open_dataset(data, split, x_key, None, limit)
         try:
