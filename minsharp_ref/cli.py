@@ -123,7 +123,8 @@ def format_score(result) -> str:
     labels = f", {d['y_key']}" if d["y_key"] else ", no labels"
     lines.append(f"data: {d['path']} [{d['x_key']}{labels}], {d['samples']} samples; {prep}")
     fid = result.fidelity["max_scaled_difference"]
-    lines.append(f"forward: {result.provider}; import fidelity {fid:.2g} "
+    checked = "not checked" if fid is None else f"{fid:.2g}"
+    lines.append(f"forward: {result.provider}; import fidelity {checked} "
                  f"(tolerance {result.fidelity['tolerance']:g})")
     if result.postprocessing:
         lines.append(f"scored the logits before post-processing: {', '.join(result.postprocessing)}")
@@ -171,7 +172,7 @@ def score(
     std: Optional[str] = typer.Option(None, help="Std to divide by: a scalar or one per channel."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default: up to 256, about 128 MiB of engine memory; lowered to fit --memory-budget)."),
-    memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for one batch of the engine, e.g. 512M, 2G."),
+    memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for the trace engine (both batches in flight), e.g. 512M, 2G."),
     provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
     precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (faster on conv nets; sums stay float64)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),

@@ -155,3 +155,26 @@ def test_input_shape_fixes_dynamic_dimensions(tmp_path):
     for shape, text in [("1,28", "has 2 dimensions"), ("2,28,28", "gives 2 at axis 1"), ("1,x,28", "integers")]:
         r = invoke(*base, "--input-shape", shape)
         assert r.exit_code == 2 and text in r.stderr, (shape, r.stderr)
+
+
+def test_numpy_path_reports_an_unchecked_fidelity(tmp_path):
+    """onnxruntime has no float64 Conv kernel: the numpy path scores the model anyway and the
+    report says the fidelity was not checked (it used to crash formatting a None)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "Wd"], ["y"], name="head", transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)), "Wc"),
+             numpy_helper.from_array(rng.standard_normal((3, 18)), "Wd")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 1, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((6, 1, 5, 5)))
+    r = invoke("score", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--provider", "numpy")
+    assert r.exit_code == 0, r.output
+    assert "import fidelity not checked" in r.stdout
+    assert "warning: import fidelity not checked: onnxruntime cannot load the model" in r.stdout
