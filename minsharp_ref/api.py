@@ -73,18 +73,19 @@ class ScoreResult:
         doc["layers"] = [dict(asdict(l), weight_shape=list(l.weight_shape)) for l in self.layers]
         doc["postprocessing"] = list(self.postprocessing)
         doc["warnings"] = list(self.warnings)
-        return _json_safe(doc)
+        return json_safe(doc)
 
 
-def _json_safe(value):
+def json_safe(value):
+    """Plain JSON types: tuples as lists, numpy scalars as Python numbers, NaN/Inf as null."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -347,8 +348,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
     attribute holds each sample's trace contributions (initializer name → (N,), and
     ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
-    at α*. Raises ``MinsharpError``
-    on bad input.
+    at α*. Raises ``MinsharpError`` on bad input.
     """
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(

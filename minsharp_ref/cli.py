@@ -111,6 +111,13 @@ class Progress:
             sys.stderr.flush()
 
 
+def format_table(table: list[list[str]], right=frozenset()) -> list[str]:
+    """Text cells as aligned lines (columns in ``right`` right-aligned)."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in table]
+
+
 def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.6g}"
 
@@ -131,11 +138,8 @@ def format_score(result) -> str:
     headers = ["#", "layer", "kind", "weight", "shape", "Tr H_W", "Tr H_b", "alpha*"]
     rows = [[str(l.index), l.name, l.kind, l.weight, "x".join(map(str, l.weight_shape)),
              _fmt(l.trace_weight), _fmt(l.trace_bias), _fmt(l.alpha)] for l in result.layers]
-    widths = [max(len(r[i]) for r in rows + [headers]) for i in range(len(headers))]
     lines.append("")
-    for r in [headers] + rows:
-        lines.append("  ".join(c.rjust(w) if i >= 5 or i == 0 else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    lines.extend(format_table([headers] + rows, right={0, 5, 6, 7}))
     lines.append("")
     lines.append(f"naive trace Tr H     {result.trace:.8g}  (± {result.trace_stderr:.2g} s.e. over samples)")
     se = result.minimum_sharpness_stderr
@@ -348,8 +352,8 @@ def invariance(
 
     def body() -> int:
         from .api import DEFAULT_MEMORY_BUDGET, batch_size_for
-        from .data import Preprocessing, check_finite, open_dataset
-        from .invariance import check_invariance, load_batches
+        from .data import Preprocessing, batches, check_finite, open_dataset
+        from .invariance import check_invariance
         from .onnx_import import import_model
 
         if trials < 1:
@@ -363,7 +367,7 @@ def invariance(
             check_finite(dataset)
             prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
             bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
-            xs = load_batches(dataset, network.input_shape, prep, bs)
+            xs = list(batches(dataset, network.input_shape, prep, bs))  # reused by every trial
             info = {"path": str(dataset.path), "x_key": dataset.x_key, "samples": dataset.samples,
                     "preprocessing": prep.describe(dataset.x.dtype)}
         finally:
@@ -418,7 +422,7 @@ def verify(
     def body() -> int:
         from .api import score as run_score
         from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VERIFY_SCHEMA, compare, data_mismatches,
-                             format_rows, load_expected, load_expected_diagonal, parse_tolerances)
+                             load_expected, load_expected_diagonal, parse_tolerances, table_rows)
 
         rtols = parse_tolerances(rtol, "--rtol", DEFAULT_RTOL)
         atols = parse_tolerances(atol, "--atol", DEFAULT_ATOL)
@@ -435,7 +439,7 @@ def verify(
         for note in notes:
             typer.echo(f"data mismatch: {note}")
         rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
-        typer.echo(format_rows(rows))
+        typer.echo("\n".join(format_table(table_rows(rows))))
         failed = [r for r in rows if r.status in ("FAIL", "UNKNOWN")]
         missing = [r for r in rows if r.status == "MISSING"]
         summary = (f"{'FAIL' if failed else 'PASS'}: {len(rows) - len(failed) - len(missing)} "
@@ -443,13 +447,13 @@ def verify(
                    f"({result.data['samples']} samples, {result.provider})")
         typer.echo(summary)
         if json_path is not None:
-            from .api import _json_safe
+            from .api import json_safe
 
             doc = {"schema": VERIFY_SCHEMA, "minsharp_ref_version": __version__,
                    "model": result.model, "data": result.data, "expected": str(expected),
                    "data_mismatches": notes, "rtol": rtols, "atol": atols,
                    "rows": [r.__dict__ for r in rows], "passed": not failed}
-            write_atomically(json_path, json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+            write_atomically(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         return 1 if failed else 0
 
     run_guarded(debug, body)

@@ -217,32 +217,42 @@ def _(layer: Conv2d, g, a):
 
 @singledispatch
 def measure_diagonal(layer: LayerBase, g: np.ndarray, a: np.ndarray):
+    """Like ``measure``, and from the same intermediates the batch sums of the exact Hessian
+    diagonal, shaped like the stored initializers: (t_w, t_b, d_w, d_b)."""
     raise NotImplementedError(type(layer).__name__)
 
 
 @measure_diagonal.register
 def _(layer: Dense, g, a):
-    """Σ_n diag H_n, shaped like the stored initializers (spec section 2, "Diagonal entries"):
-    W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (times Gemm's alpha², beta²)."""
-    signal = np.einsum("nko,nko->no", g, g, dtype=np.float64)
-    d_w = layer.weight_coef ** 2 * (signal.T @ (a.astype(np.float64) ** 2))  # (out, in)
+    """W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (spec section 2, "Diagonal
+    entries"; times Gemm's alpha², beta²); the per-sample traces are their totals."""
+    signal = np.einsum("nko,nko->no", g, g, dtype=np.float64)  # (N, out)
+    a2 = a.astype(np.float64) ** 2  # (N, in)
+    t_w = layer.weight_coef ** 2 * a2.sum(axis=1) * signal.sum(axis=1)
+    d_w = layer.weight_coef ** 2 * (signal.T @ a2)  # (out, in)
     d_w = d_w.T if layer.weight_transposed else d_w
-    d_b = None if layer.bias is None else (layer.bias_coef ** 2 * signal.sum(axis=0)).reshape(layer.bias.shape)
-    return d_w, d_b
+    if layer.bias is None:
+        return t_w, None, d_w, None
+    t_b = layer.bias_coef ** 2 * signal.sum(axis=1)
+    d_b = (layer.bias_coef ** 2 * signal.sum(axis=0)).reshape(layer.bias.shape)
+    return t_w, t_b, d_w, d_b
 
 
 @measure_diagonal.register
 def _(layer: Conv2d, g, a):
-    """W: Σ_n Σ_k (g_k Uᵀ)⊙(g_k Uᵀ); b: Σ_n Σ_k (Σ_positions g_k)²."""
+    """W: Σ_n Σ_k (g_k Uᵀ)⊙(g_k Uᵀ) (the im2col form); b: Σ_n Σ_k (Σ_positions g_k)²."""
     n, k = g.shape[:2]
     u = layer.im2col(a)
-    m = np.matmul(g.reshape(n, k, layer.groups, -1, u.shape[-1]), u.transpose(0, 1, 3, 2)[:, None])
-    d_w = layer.weight_coef ** 2 * np.einsum("nkgoq,nkgoq->goq", m, m, dtype=np.float64)
-    d_w = d_w.reshape(layer.weight.shape)
+    g_mat = g.reshape(n, k, layer.groups, -1, u.shape[-1])
+    m = np.matmul(g_mat, u.transpose(0, 1, 3, 2)[:, None])  # (N, K, G, O, Q)
+    squares = layer.weight_coef ** 2 * np.einsum("nkgoq,nkgoq->ngoq", m, m, dtype=np.float64)
+    t_w = squares.sum(axis=(1, 2, 3))
+    d_w = squares.sum(axis=0).reshape(layer.weight.shape)
     if layer.bias is None:
-        return d_w, None
-    summed = g.sum(axis=(3, 4), dtype=np.float64)
-    return d_w, (layer.bias_coef ** 2 * np.einsum("nkc,nkc->c", summed, summed)).reshape(layer.bias.shape)
+        return t_w, None, d_w, None
+    summed = g.sum(axis=(3, 4), dtype=np.float64)  # (N, K, C_out)
+    per_channel = layer.bias_coef ** 2 * np.einsum("nkc,nkc->nc", summed, summed)
+    return t_w, per_channel.sum(axis=1), d_w, per_channel.sum(axis=0).reshape(layer.bias.shape)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -309,13 +319,14 @@ def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
     results: list[np.ndarray] = []
     diagonals: dict[str, np.ndarray] = {}
     for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype):
-        t_w, t_b = measure(layer, g, a)
-        results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
         if diagonal:
-            d_w, d_b = measure_diagonal(layer, g, a)
+            t_w, t_b, d_w, d_b = measure_diagonal(layer, g, a)
             diagonals[layer.weight_name] = d_w
             if d_b is not None:
                 diagonals[layer.bias_name] = d_b
+        else:
+            t_w, t_b = measure(layer, g, a)
+        results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
     traces = np.stack(results[::-1], axis=1).astype(np.float64)
     return (traces, diagonals) if diagonal else traces
 

@@ -61,9 +61,9 @@ class InvarianceResult:
 
     def to_dict(self) -> dict:
         from . import __version__
-        from .api import _json_safe
+        from .api import json_safe
 
-        return _json_safe({
+        return json_safe({
             "schema": INVARIANCE_SCHEMA, "minsharp_ref_version": __version__,
             "model": self.model, "data": self.data, "provider": self.provider,
             "rtol": self.rtol, "seed": self.seed, "spread_decades": self.spread,
@@ -139,9 +139,3 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
     except AssertionError:
         result.falsifying_alpha = failing[-1].alpha  # hypothesis ends on the shrunk example
     return result
-
-
-def load_batches(dataset, input_shape, prep, batch_size) -> list[np.ndarray]:
-    from .data import batches
-
-    return list(batches(dataset, input_shape, prep, batch_size))

@@ -13,7 +13,7 @@ Shapes here are per sample (no batch axis); arrays passed to ``forward`` carry t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import numpy as np
@@ -309,7 +309,6 @@ class Network:
 
     def astype(self, dtype) -> "Network":
         """Copy with every parameter and slope cast to dtype (for the float32 signal path)."""
-        import dataclasses
 
         def cast(layer):
             changes = {}
@@ -317,14 +316,12 @@ class Network:
                 value = getattr(layer, name, None)
                 if isinstance(value, np.ndarray):
                     changes[name] = value.astype(dtype)
-            return dataclasses.replace(layer, **changes) if changes else layer
+            return replace(layer, **changes) if changes else layer
 
-        return dataclasses.replace(self, layers=tuple(cast(l) for l in self.layers))
+        return replace(self, layers=tuple(cast(l) for l in self.layers))
 
     def with_parameters(self, params: dict[str, np.ndarray]) -> "Network":
         """Copy with some initializers replaced (keys: ONNX initializer names)."""
-        import dataclasses
-
         layers = []
         for layer in self.layers:
             if is_parameterised(layer):
@@ -333,6 +330,6 @@ class Network:
                     changes["weight"] = params[layer.weight_name]
                 if layer.bias_name is not None and layer.bias_name in params:
                     changes["bias"] = params[layer.bias_name]
-                layer = dataclasses.replace(layer, **changes)
+                layer = replace(layer, **changes)
             layers.append(layer)
-        return dataclasses.replace(self, layers=tuple(layers))
+        return replace(self, layers=tuple(layers))

@@ -681,6 +681,7 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     ctx.shapes[inp.name] = tuple(per_sample)
     ctx.live = inp.name
     node_names = set()
+    consumers = _consumers(graph)
     allowed_domains = {"", "ai.onnx", "ai.onnx.ml"}
     for node in _needed_nodes(graph):
         if node.name and node.name in node_names:
@@ -694,7 +695,7 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
                 raise _fail(node, "random values make the network non-deterministic")
             _fold(node, ctx, model.opset_import)
             continue
-        if ctx.logits is not None or (node.op_type in POSTPROCESSING and _is_tail(node, graph)):
+        if ctx.logits is not None or (node.op_type in POSTPROCESSING and _is_tail(node, consumers)):
             if node.op_type not in POSTPROCESSING | {"Identity"}:
                 raise _fail(node, "follows post-processing of the logits; only Softmax, "
                                   "LogSoftmax, ArgMax, Cast or ZipMap may come after the last layer")
@@ -735,13 +736,18 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
                       graph.output[0].name, opset, tuple(ctx.post))
 
 
-def _is_tail(node, graph) -> bool:
-    """True when a Softmax/LogSoftmax/ArgMax/Cast/ZipMap starts post-processing: nothing but
-    more post-processing depends on its output."""
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name → the nodes that read it."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    return consumers
+
+
+def _is_tail(node, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """True when a Softmax/LogSoftmax/ArgMax/Cast/ZipMap starts post-processing: nothing but
+    more post-processing depends on its output."""
     stack, seen = list(node.output), set()
     while stack:
         name = stack.pop()

@@ -183,12 +183,12 @@ def data_mismatches(result, expected: dict) -> list[str]:
     return notes
 
 
-def format_rows(rows: list[Row]) -> str:
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    """The comparison as text cells, header first."""
     fmt = lambda v: "-" if v is None else f"{v:.10g}"  # noqa: E731
     table = [["quantity", "name", "ours", "theirs", "abs err", "rel err", "status"]]
     for r in rows:
         table.append([r.quantity, r.name, fmt(r.ours), fmt(r.theirs),
                       "-" if r.abs_err is None else f"{r.abs_err:.2e}",
                       "-" if r.rel_err is None else f"{r.rel_err:.2e}", r.status])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return table

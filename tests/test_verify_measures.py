@@ -25,7 +25,10 @@ DATA = ["--data", str(MNIST), "--mean", "0.5", "--std", "0.5", "--limit", "300"]
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("ref")
     r = runner.invoke(app, ["score", str(MLP), *DATA, "--provider", "numpy", "--json", str(d / "ours.json"),
-                            "--diag", str(d / "diag.npz"), "--per-sample", str(d / "per.npz")])
+                            "--per-sample", str(d / "per.npz")])
+    assert r.exit_code == 0, r.output
+    # the diagonal in a run of its own: its traces come from a different rule (measure_diagonal)
+    r = runner.invoke(app, ["score", str(MLP), *DATA, "--provider", "numpy", "--diag", str(d / "diag.npz")])
     assert r.exit_code == 0, r.output
     return d
 
@@ -152,3 +155,15 @@ def test_normalised_sharpness_is_invariant_under_neuron_rescaling():
     after = [n.value for n in normalised_sharpness(moved.network, run2.diagonal)]
     assert after == pytest.approx(base, rel=1e-8)
     assert run2.sums.mean.sum() != pytest.approx(run.sums.mean.sum(), rel=1e-3)  # naive trace moved
+
+
+@pytest.mark.parametrize("fixture", ["cnn_avgpool_strided", "smallcnn_torchscript"])
+def test_conv_diagonal_sums_to_the_traces_of_the_plain_run(fixture):
+    """The diagonal rule (im2col products) against the trace rule (im2col or Gram form,
+    whichever is cheaper) on conv nets: two code paths, one number (1e-12)."""
+    path = FIXTURES / f"{fixture}.onnx"
+    plain = score(path, MNIST, limit=24, provider="numpy", **NORM)
+    with_diag = score(path, MNIST, limit=24, provider="numpy", diagonal=True, **NORM)
+    for layer in plain.layers:
+        assert with_diag.diagonal[layer.weight].sum() == pytest.approx(layer.trace_weight, rel=1e-12)
+        assert with_diag.diagonal[layer.bias].sum() == pytest.approx(layer.trace_bias, rel=1e-12)
