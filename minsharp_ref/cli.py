@@ -313,19 +313,13 @@ def rescale(
 
 def _check_batch(network, data, split, x_key, mean, std, rng, size: int = 64):
     """A batch to compare logits on: the first samples of --data, or standard normal inputs."""
-
-    from .data import Preprocessing, batches, check_finite, open_dataset
+    from .data import Preprocessing, load_batches
 
     if data is None:
         return rng.standard_normal((size,) + network.input_shape), f"{size} random inputs"
-    dataset = open_dataset(data, split, x_key, None, size)
-    try:
-        check_finite(dataset)
-        prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
-        x = next(batches(dataset, network.input_shape, prep, size))
-    finally:
-        dataset.close()
-    return x, f"{len(x)} samples of {data}"
+    prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
+    xs, info = load_batches(data, network.input_shape, prep, size, split, x_key, size)
+    return xs[0], f"{info['samples']} samples of {data}"
 
 
 @app.command()
@@ -352,7 +346,7 @@ def invariance(
 
     def body() -> int:
         from .api import DEFAULT_MEMORY_BUDGET, batch_size_for
-        from .data import Preprocessing, batches, check_finite, open_dataset
+        from .data import Preprocessing, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
 
@@ -362,16 +356,10 @@ def invariance(
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
         imported = import_model(model, _ints(input_shape, "--input-shape"))
         network = imported.network
-        dataset = open_dataset(data, split, x_key, None, limit)
-        try:
-            check_finite(dataset)
-            prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
-            bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
-            xs = list(batches(dataset, network.input_shape, prep, bs))  # reused by every trial
-            info = {"path": str(dataset.path), "x_key": dataset.x_key, "samples": dataset.samples,
-                    "preprocessing": prep.describe(dataset.x.dtype)}
-        finally:
-            dataset.close()
+        prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
+        bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
+        # held in memory: every trial re-scores the same batches
+        xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
         typer.echo(f"{'trial':>5}  {'naive Tr H':>14}  {'min. sharpness':>20}  {'rel. dev.':>9}  alpha")
         count = [0]
 

@@ -236,3 +236,19 @@ def check_labels(dataset: Dataset, num_classes: int) -> None:
     if bad.size:
         raise MinsharpError(f'{dataset.path}: labels "{dataset.y_key}" out of range 0..{num_classes - 1}: '
                             f"{bad.size} values, first {int(dataset.y[bad[0]])} at sample {int(bad[0])}")
+
+
+def load_batches(path, input_shape: tuple[int, ...], prep: Preprocessing, batch_size: int,
+                 split: str = "train", x_key: Optional[str] = None,
+                 limit: Optional[int] = None) -> tuple[list[np.ndarray], dict]:
+    """Checked, preprocessed batches held in memory (for commands that reuse them), and a
+    description of the data: path, key, sample count and preprocessing."""
+    dataset = open_dataset(path, split, x_key, None, limit)
+    try:
+        check_finite(dataset)
+        xs = list(batches(dataset, input_shape, prep, batch_size))
+        info = {"path": str(dataset.path), "x_key": dataset.x_key, "samples": dataset.samples,
+                "preprocessing": prep.describe(dataset.x.dtype)}
+    finally:
+        dataset.close()
+    return xs, info
