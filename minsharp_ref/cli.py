@@ -22,13 +22,23 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Exact Hessian traces and minimum sharpness of ReLU networks from ONNX.")
 
 
-def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+def _numbers(text: Optional[str], option: str, kind=float) -> Optional[list]:
+    """A comma-separated option value as a list of floats (or ints)."""
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",")]
+        return [kind(v) for v in text.split(",")]
     except ValueError:
-        raise MinsharpError(f"{option} must be a number or a comma-separated list, not {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise MinsharpError(f"{option} must be comma-separated {what}, not {text!r}") from None
+
+
+def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    return _numbers(text, option, float)
+
+
+def _ints(text: Optional[str], option: str) -> Optional[list[int]]:
+    return _numbers(text, option, int)
 
 
 def check_output_dir(path: Path) -> Path:
@@ -39,15 +49,6 @@ def check_output_dir(path: Path) -> Path:
     if Path(path).is_dir():
         raise MinsharpError(f"{path}: is a directory")
     return directory
-
-
-def _ints(text: Optional[str], option: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise MinsharpError(f"{option} must be comma-separated integers, not {text!r}") from None
 
 
 def write_atomically(path: Path, data) -> None:
