@@ -1,0 +1,55 @@
+"""Converters for Add/Sub/Mul/Div with a constant: a bias after MatMul/Conv, or input
+preprocessing (InputAffine) before the first layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import ir
+from .context import const, converter, data_input, emit, fail, param, per_sample_constant
+
+
+@converter("Add", "Sub", "Mul", "Div")
+def _elementwise(node, ctx):
+    x = data_input(node, ctx)
+    data_first = ctx.canonical(node.input[0]) == x
+    c = const(node, ctx, 1 if data_first else 0, "operand").astype(np.float64)
+    shape = ctx.shapes[x]
+    last = ctx.layers[-1] if ctx.layers else None
+    if (node.op_type == "Add" and ir.is_parameterised(last) and last.output_name == x
+            and last.bias is None):
+        # MatMul (or Conv) + Add: the constant is the layer's bias
+        out = last.out_features if isinstance(last, ir.Dense) else last.out_channels
+        expected = (out,) if isinstance(last, ir.Dense) else (out, 1, 1)
+        squeezed = c.reshape(c.shape[1:]) if c.ndim == len(shape) + 1 and c.shape[0] == 1 else c
+        if squeezed.shape != expected:
+            raise fail(node, f"adds a constant of shape {c.shape} after a layer with {out} "
+                              "outputs: not a bias, and not positively homogeneous")
+        source = param(node, ctx, 1 if data_first else 0, "bias")
+        ctx.layers[-1] = dataclasses.replace(
+            last, bias_name=source[0], bias=source[1], output_name=node.output[0],
+            nodes=last.nodes + (node.name or node.output[0],))
+        ctx.shapes[node.output[0]] = shape
+        ctx.live = node.output[0]
+        return
+    if ctx.has_params:
+        raise fail(node, "an elementwise operation with a constant after a parameterised "
+                          "layer is not positively homogeneous (only a bias right after "
+                          "MatMul or Conv is)")
+    c = per_sample_constant(node, c, shape, "constant")
+    one, zero = np.ones(()), np.zeros(())
+    if node.op_type == "Add":
+        scale, shift = one, c
+    elif node.op_type == "Sub":
+        scale, shift = (one, -c) if data_first else (-one, c)
+    elif node.op_type == "Mul":
+        scale, shift = c, zero
+    else:
+        if not data_first:
+            raise fail(node, "divides a constant by the input: not an affine transform")
+        if np.any(c == 0):
+            raise fail(node, "divides by zero")
+        scale, shift = 1.0 / c, zero
+    emit(ctx, node, ir.InputAffine, x, scale=np.asarray(scale), shift=np.asarray(shift))

@@ -1,0 +1,104 @@
+"""Converters for shape-only ops: Flatten, Reshape, Squeeze/Unsqueeze, Transpose,
+Identity/Dropout, Shape."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ir
+from .context import BATCH, attrs, const, converter, data_input, emit, fail
+
+
+def reshape_to(node, ctx, x: str, per_sample: tuple[int, ...]):
+    size = int(np.prod(ctx.shapes[x]))
+    if int(np.prod(per_sample)) != size:
+        raise fail(node, f"cannot reshape per-sample shape {ctx.shapes[x]} to {per_sample}")
+    emit(ctx, node, ir.Reshape, x, shape=tuple(int(s) for s in per_sample))
+
+
+@converter("Flatten")
+def _flatten(node, ctx):
+    x = data_input(node, ctx)
+    axis = int(attrs(node).get("axis", 1))
+    if axis % (len(ctx.shapes[x]) + 1) != 1:
+        raise fail(node, f"axis={axis} mixes the batch axis into the features; only axis=1")
+    reshape_to(node, ctx, x, (int(np.prod(ctx.shapes[x])),))
+
+
+@converter("Reshape")
+def _reshape(node, ctx):
+    x = data_input(node, ctx)
+    target = [int(v) for v in const(node, ctx, 1, "shape").reshape(-1)]
+    allowzero = int(attrs(node).get("allowzero", 0))
+    full_in = (BATCH,) + ctx.shapes[x]
+    dims = [full_in[i] if (v == 0 and not allowzero and i < len(full_in)) else v
+            for i, v in enumerate(target)]
+    if not dims:
+        raise fail(node, "reshape to a scalar loses the batch axis")
+    rest = dims[1:]
+    size = int(np.prod(ctx.shapes[x]))
+    if dims[0] not in (BATCH, -1) and dims[0] <= 0:
+        raise fail(node, f"shape {target} does not keep the batch axis")
+    if BATCH in rest or rest.count(-1) > 1 or (dims[0] == -1 and -1 in rest):
+        raise fail(node, f"shape {target} does not keep the batch axis first")
+    if -1 in rest:
+        known = int(np.prod([d for d in rest if d != -1]))
+        if known <= 0 or size % known:
+            raise fail(node, f"cannot reshape per-sample shape {ctx.shapes[x]} to {target}")
+        rest = [size // known if d == -1 else d for d in rest]
+    reshape_to(node, ctx, x, tuple(rest))
+
+
+@converter("Squeeze", "Unsqueeze")
+def _squeeze(node, ctx):
+    x = data_input(node, ctx)
+    a = attrs(node)
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = const(node, ctx, 1, "axes").reshape(-1).tolist()
+    shape = list(ctx.shapes[x])
+    if node.op_type == "Squeeze":
+        rank = len(shape) + 1
+        axes = [i for i in range(1, rank) if shape[i - 1] == 1] if axes is None else [int(v) % rank for v in axes]
+        if 0 in axes:
+            raise fail(node, "squeezes the batch axis")
+        new = [s for i, s in enumerate(shape, start=1) if i not in axes]
+    else:
+        rank = len(shape) + 1 + len(axes or [])
+        axes = sorted(int(v) % rank for v in axes or [])
+        if 0 in axes:
+            raise fail(node, "inserts an axis before the batch axis")
+        full = [BATCH] + shape
+        for ax in axes:
+            full.insert(ax, 1)
+        new = full[1:]
+    reshape_to(node, ctx, x, tuple(new))
+
+
+@converter("Transpose")
+def _transpose(node, ctx):
+    x = data_input(node, ctx)
+    rank = len(ctx.shapes[x]) + 1
+    perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
+    if perm[0] != 0:
+        raise fail(node, f"perm {perm} moves the batch axis")
+    emit(ctx, node, ir.Transpose, x, perm=tuple(p - 1 for p in perm[1:]))
+
+
+@converter("Identity", "Dropout")
+def _identity(node, ctx):
+    x = data_input(node, ctx)
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        mode = const(node, ctx, 2, "training_mode")
+        if bool(np.asarray(mode).reshape(-1)[0]):
+            raise fail(node, "training_mode=true makes the network random")
+    ctx.alias[node.output[0]] = x
+
+
+
+@converter("Shape")
+def _shape(node, ctx):
+    name = ctx.canonical(node.input[0])
+    a = attrs(node)
+    full = np.array((BATCH,) + ctx.shapes[name], dtype=np.int64)
+    ctx.consts[node.output[0]] = full[a.get("start", 0):a.get("end", None)]
