@@ -1,6 +1,10 @@
 """Transport rules: signals at a layer's output, (N, R, *out_shape), to its input, as ONNX
 nodes; one rule per layer type, the same rules as ``engine.backprop`` (docs/method.md,
 "Back-propagating the signals"), applied to all N·R signals at once.
+
+Window ops go back through col2im (ONNX Col2Im, the adjoint of im2col): the conv forms
+the columns Wᵀ g with one MatMul node, average pooling repeats the spread signal over the
+kernel offsets, max pooling multiplies it by the one-hot arg-max offsets.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from ..ir import (AvgPool2d, Conv2d, Dense, LayerBase, LeakyRelu, MaxPool2d, Pad
                   Reshape, Transpose)
 from ..windows import Geometry
 from .context import Context
-from .forward import window_attrs, window_ones
 
 
 @singledispatch
@@ -24,6 +27,11 @@ def backward(layer: LayerBase, ctx: Context, g: str) -> str:
 def _mask(ctx: Context, g: str, factor: str) -> str:
     """g · factor, the per-sample factor (N, *shape) broadcast over the R signals."""
     return ctx.b.node("Mul", [g, ctx.b.node("Unsqueeze", [factor, ctx.b.ints([1])])], "signal")
+
+
+def _to_signals(ctx: Context, maps: str, in_shape: tuple[int, ...]) -> str:
+    """(N·R, *in_shape) maps back to (N, R, *in_shape) signals."""
+    return ctx.b.reshape(maps, (-1, ctx.signals) + tuple(in_shape), "signal")
 
 
 @backward.register
@@ -44,11 +52,13 @@ def _(layer: LeakyRelu, ctx, g):
 
 @backward.register
 def _(layer: Reshape, ctx, g):
-    return ctx.b.reshape(g, (-1, ctx.signals) + ctx.in_shape(layer), "signal")
+    """Back to the input's shape."""
+    return _to_signals(ctx, g, ctx.in_shape(layer))
 
 
 @backward.register
 def _(layer: Transpose, ctx, g):
+    """The inverse permutation of the per-sample axes."""
     inverse = np.argsort(layer.perm)
     return ctx.b.node("Transpose", [g], "signal", perm=[0, 1] + [int(p) + 2 for p in inverse])
 
@@ -67,68 +77,83 @@ def _(layer: Pad2d, ctx, g):
     return _crop(ctx, g, layer.pads[0], layer.pads[1], h, w)
 
 
+def col2im(ctx: Context, cols: str, geom: Geometry, in_shape: tuple[int, ...],
+           frame: bool = False) -> str:
+    """The adjoint of im2col: columns (M, C·kh·kw, Ho·Wo), rows ordered (c, i, j), added back
+    to the input positions they were read from, what falls on padding dropped: (M, C, H, W).
+    With ``frame`` (or in ceil_mode, whose last windows may overhang the padding) the
+    columns are laid on the padded frame of ``windows.pad_input``, then cropped."""
+    b = ctx.b
+    _, h, w = in_shape
+    attrs = {"strides": list(geom.stride), "dilations": list(geom.dilation)}
+    if not (frame or geom.ceil_mode):
+        return b.node("Col2Im", [cols, b.ints([h, w]), b.ints(geom.kernel)], pads=list(geom.pads),
+                      **attrs)
+    hp, wp = geom.padded_hw((h, w))
+    padded = b.node("Col2Im", [cols, b.ints([hp, wp]), b.ints(geom.kernel)], **attrs)
+    return _crop(ctx, padded, geom.pads[0], geom.pads[1], h, w)
+
+
 @backward.register
 def _(layer: MaxPool2d, ctx, g):
-    """Route each signal to its window's arg-max (MaxPool's Indices: first maximum on ties),
-    adding up where overlapping windows share one: ScatterElements(reduction="add") over the
-    flat positions of the padded frame, then crop the padding away."""
+    """Route each signal to its window's arg-max (first maximum on ties: MaxPool's Indices,
+    flat positions in the padded frame), adding up where overlapping windows share one:
+    the signals times the one-hot arg-max offsets as columns, then col2im."""
     b = ctx.b
+    geom = layer.geometry
     c, h, w = ctx.in_shape(layer)
     _, ho, wo = ctx.out_shape(layer)
-    hp, wp = layer.geometry.padded_hw((h, w))
-    r = ctx.signals
-    plane = b.node("Mod", [ctx.routes[layer.output_name], b.ints([c * hp * wp])])  # per sample
-    index = b.reshape(plane, (-1, 1, c * ho * wo))
-    flat = b.reshape(g, (-1, r, c * ho * wo))
-    index = b.node("Expand", [index, b.node("Shape", [flat])])
-    frame_shape = b.node("Concat", [b.node("Shape", [flat], start=0, end=1),
-                                    b.ints([r, c * hp * wp])], axis=0)
-    zeros = b.node("Expand", [b.const(0.0), frame_shape])
-    routed = b.node("ScatterElements", [zeros, index, flat], axis=2, reduction="add")
-    routed = b.reshape(routed, (-1, r, c, hp, wp))
-    return _crop(ctx, routed, layer.geometry.pads[0], layer.geometry.pads[1], h, w)
-
-
-def transposed_window_op(ctx: Context, g: str, kernel: str, geom: Geometry, groups: int,
-                         in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
-    """The adjoint of a window op (conv or depthwise window sum) with ``kernel``: one
-    ConvTranspose over the N·R signal maps into the padded frame, then the crop to the input
-    (docs/method.md, "Back-propagating the signals")."""
-    b = ctx.b
-    c, h, w = in_shape
-    r = ctx.signals
-    maps = b.reshape(g, (-1,) + out_shape)
-    frame = b.node("ConvTranspose", [maps, kernel], "signal_frame", group=groups,
-                   **window_attrs(geom))
-    ho, wo = out_shape[1:]
-    extent = [(ho - 1) * geom.stride[0] + geom.dilation[0] * (geom.kernel[0] - 1) + 1,
-              (wo - 1) * geom.stride[1] + geom.dilation[1] * (geom.kernel[1] - 1) + 1]
-    top, left = geom.pads[0], geom.pads[1]
-    short = [max(0, top + h - extent[0]), max(0, left + w - extent[1])]
-    if any(short):  # the frame ends before the input does (rows no window reads)
-        frame = b.node("Pad", [frame, b.ints([0, 0, 0, 0, 0, 0, short[0], short[1]])])
-    frame = _crop(ctx, frame, top, left, h, w)
-    return b.reshape(frame, (-1, r, c, h, w), "signal")
+    hp, wp = geom.padded_hw((h, w))
+    kh, kw = geom.kernel
+    position = b.node("Mod", [ctx.routes[layer.output_name], b.ints([hp * wp])])  # in the plane
+    row = b.node("Div", [position, b.ints([wp])])
+    col = b.node("Mod", [position, b.ints([wp])])
+    row0 = b.const((np.arange(ho) * geom.stride[0]).reshape(ho, 1), np.int64)
+    col0 = b.const(np.arange(wo) * geom.stride[1], np.int64)
+    i = b.node("Div", [b.node("Sub", [row, row0]), b.ints([geom.dilation[0]])])
+    j = b.node("Div", [b.node("Sub", [col, col0]), b.ints([geom.dilation[1]])])
+    offset = b.node("Add", [b.node("Mul", [i, b.ints([kw])]), j])  # (N, C, Ho, Wo): i·kw + j
+    offset = b.reshape(offset, (-1, 1, c, 1, ho * wo))
+    one_hot = b.node("Equal", [offset, b.const(np.arange(kh * kw).reshape(kh * kw, 1), np.int64)])
+    mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)  # (N, 1, C, kh·kw, P)
+    cols = b.node("Mul", [b.reshape(g, (-1, ctx.signals, c, 1, ho * wo)), mask])
+    cols = b.reshape(cols, (-1, c * kh * kw, ho * wo))
+    return _to_signals(ctx, col2im(ctx, cols, geom, (c, h, w), frame=True), (c, h, w))
 
 
 @backward.register
 def _(layer: AvgPool2d, ctx, g):
-    """Spread each signal evenly over its window: divide by the window's divisor, then the
-    transposed all-ones depthwise window sum."""
-    in_shape, out_shape = ctx.in_shape(layer), ctx.out_shape(layer)
-    spread = ctx.b.node("Div", [g, ctx.b.const(layer.divisor(in_shape[1:]))])
-    return transposed_window_op(ctx, spread, window_ones(ctx, in_shape[0], layer.geometry),
-                                layer.geometry, in_shape[0], in_shape, out_shape)
+    """Spread each signal evenly over its window: divide by the window's divisor, repeat
+    over the kh·kw offsets, col2im."""
+    b = ctx.b
+    c, h, w = ctx.in_shape(layer)
+    _, ho, wo = ctx.out_shape(layer)
+    kh, kw = layer.geometry.kernel
+    spread = b.node("Div", [g, b.const(layer.divisor((h, w)))])
+    cols = b.node("Expand", [b.reshape(spread, (-1, c, 1, ho * wo)), b.ints([1, 1, kh * kw, 1])])
+    cols = b.reshape(cols, (-1, c * kh * kw, ho * wo))
+    return _to_signals(ctx, col2im(ctx, cols, layer.geometry, (c, h, w)), (c, h, w))
 
 
 @backward.register
 def _(layer: Dense, ctx, g):
-    """g W: (N, R, out) @ (out, in)."""
-    return ctx.b.node("MatMul", [g, ctx.dense_matrix(layer)], "signal")
+    """g W: (N·R, out) @ (out, in), one GEMM."""
+    b = ctx.b
+    flat = b.reshape(g, (-1, layer.out_features))
+    return _to_signals(ctx, b.node("MatMul", [flat, ctx.dense_matrix(layer)]), ctx.in_shape(layer))
 
 
 @backward.register
 def _(layer: Conv2d, ctx, g):
-    """The transposed convolution with the same kernel, stride, dilation and groups."""
-    return transposed_window_op(ctx, g, ctx.conv_kernel(layer), layer.geometry, layer.groups,
-                                ctx.in_shape(layer), ctx.out_shape(layer))
+    """The transposed convolution: the columns Wᵀ g, (G, Q, O) @ (N·R, G, O, P) in one
+    MatMul node, then col2im."""
+    b = ctx.b
+    groups = layer.groups
+    _, ho, wo = ctx.out_shape(layer)
+    o = layer.out_channels // groups
+    kernel_t = b.node("Transpose", [b.reshape(ctx.conv_kernel(layer), (groups, o, -1))],
+                      perm=[0, 2, 1])  # (G, Q, O)
+    cols = b.node("MatMul", [kernel_t, b.reshape(g, (-1, groups, o, ho * wo))])  # (M, G, Q, P)
+    cols = b.reshape(cols, (-1, groups * layer.weight[0].size, ho * wo))
+    in_shape = ctx.in_shape(layer)
+    return _to_signals(ctx, col2im(ctx, cols, layer.geometry, in_shape), in_shape)

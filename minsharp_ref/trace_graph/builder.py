@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-#: Operator set of the trace graph (ScatterElements with reduction="add" needs 16).
-OPSET = 17
+#: Operator set of the trace graph (Col2Im needs 18).
+OPSET = 18
 #: IR version of the written model (onnxruntime reads at most 13).
 IR_VERSION = 8
 
@@ -78,7 +78,7 @@ class GraphBuilder:
         return self.node("ReduceSum", [x, self.ints(axes)], stem, keepdims=keepdims)
 
     def sum_squares(self, x: str, axes: Sequence[int], keepdims: int = 0, stem=None) -> str:
-        return self.node("ReduceSumSquare", [x], stem, axes=list(axes), keepdims=keepdims)
+        return self.node("ReduceSumSquare", [x, self.ints(axes)], stem, keepdims=keepdims)
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
               name: str, doc: str = "") -> onnx.ModelProto:

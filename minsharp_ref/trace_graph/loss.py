@@ -32,7 +32,7 @@ def cross_entropy(ctx: Context, logits: str, k: int) -> tuple[str, int]:
                      to=11)  # (N, K − 1, K): e_k
     centred = b.node("Sub", [one_hot, b.node("Unsqueeze", [p, b.ints([1])])])
     r = b.node("Mul", [b.node("Unsqueeze", [b.node("Sqrt", [p_rows]), b.ints([2])]), centred])
-    p_top = b.node("ReduceMax", [p], axes=[1], keepdims=1)
+    p_top = b.node("ReduceMax", [p, b.ints([1])], keepdims=1)
     v = b.node("Sqrt", [b.node("Div", [p_rows, p_top])], "v")  # (N, K − 1)
     one = b.const(1.0, np.float64)
     norm = b.node("Sqrt", [b.node("Add", [one, b.sum_squares(v, [1], keepdims=1)])])
