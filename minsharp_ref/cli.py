@@ -134,6 +134,11 @@ def format_score(result) -> str:
     checked = "not checked" if fid is None else f"{fid:.2g}"
     lines.append(f"forward: {result.provider}; import fidelity {checked} "
                  f"(tolerance {result.fidelity['tolerance']:g})")
+    check = result.engine_check
+    if check is not None:
+        lines.append(f"engine: {result.engine} ({result.provider}, {result.precision}); engine check "
+                     f"{check['max_relative_deviation']:.2g} against the float64 NumPy engine on "
+                     f"{check['samples']} samples (tolerance {check['tolerance']:g})")
     if result.postprocessing:
         lines.append(f"scored the logits before post-processing: {', '.join(result.postprocessing)}")
     headers = ["#", "layer", "kind", "weight", "shape", "Tr H_W", "Tr H_b", "alpha*"]
@@ -179,7 +184,7 @@ def score(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default: up to 256, about 128 MiB of engine memory; lowered to fit --memory-budget)."),
     memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for the trace engine (both batches in flight), e.g. 512M, 2G."),
     provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
-    precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (faster on conv nets; sums stay float64)."),
+    precision: Optional[str] = typer.Option(None, help="Precision of the back-propagated signals: float64 (reference) or float32 (sums stay float64). Default: float64 for --engine numpy, float32 for --engine onnxruntime."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
     diag_path: Optional[Path] = typer.Option(None, "--diag", help="Write the exact Hessian diagonal of every parameter tensor (.npz keyed by initializer name, float64)."),
     per_sample_path: Optional[Path] = typer.Option(None, "--per-sample", help="Write each sample's trace contributions (.npz keyed by initializer name, plus 'trace')."),
@@ -187,6 +192,7 @@ def score(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, for models whose input has dynamic dimensions."),
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    engine: str = typer.Option("numpy", "--engine", help="numpy (float64 reference, default) | onnxruntime (the trace graph on --provider's device, float32 unless --precision float64; certified on 64 samples)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
@@ -206,7 +212,7 @@ def score(
                            diagonal=diag_path is not None, per_sample=per_sample_path is not None,
                            measures=measures, input_shape=_ints(input_shape, "--input-shape"),
                            progress=progress,
-                           on_start=progress.start)
+                           on_start=progress.start, engine=engine)
         if diag_path is not None:
             write_atomically(diag_path, npz_bytes(result.diagonal))
         if per_sample_path is not None:

@@ -64,7 +64,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     check_supported(network)
     b = GraphBuilder(dtype)
     ctx = Context(b)
-    b.used.add(INPUT)
+    b.reserve([INPUT, TRACES, LOGITS] + [DIAGONAL_PREFIX + name for _, _, name in tensor_columns(network)])
+    b.fresh(INPUT, exact=True)
     ctx.values[network.input_name] = INPUT
     shapes = network.layer_shapes()
     for layer, in_shape, out_shape in zip(network.layers, shapes, shapes[1:]):
@@ -92,9 +93,9 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
         value, diag = (m.weight, m.weight_diagonal) if which == "weight" else (m.bias, m.bias_diagonal)
         columns.append(b.node("Unsqueeze", [value, b.ints([1])]))
         if diagonal:
-            diagonals.append((name, b.node("Identity", [diag], DIAGONAL_PREFIX + name)))
-    traces = b.node("Concat", columns, TRACES, axis=1)
-    logits_out = b.node("Identity", [logits], LOGITS)
+            diagonals.append((name, b.node("Identity", [diag], DIAGONAL_PREFIX + name, exact=True)))
+    traces = b.node("Concat", columns, TRACES, exact=True, axis=1)
+    logits_out = b.node("Identity", [logits], LOGITS, exact=True)
 
     n = "N"
     inputs = [helper.make_tensor_value_info(INPUT, b.elem, [n, *network.input_shape])]

@@ -27,22 +27,34 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.used: set[str] = set()
+        self.reserved: set[str] = set()
         self._constants: dict[tuple, str] = {}
 
-    def fresh(self, stem: str) -> str:
-        """A name not used yet: ``stem`` itself, else ``stem#1``, ``stem#2``, …"""
+    def reserve(self, names) -> None:
+        """Keep these names (the graph's inputs and outputs) for ``exact`` nodes only."""
+        self.reserved.update(names)
+
+    def fresh(self, stem: str, exact: bool = False) -> str:
+        """A name not used yet: ``stem`` itself, else ``stem#1``, ``stem#2``, …; with
+        ``exact``, ``stem`` itself (a reserved name, claimed once)."""
+        if exact:
+            assert stem in self.reserved and stem not in self.used, stem
+            self.used.add(stem)
+            return stem
         name, i = stem, 0
-        while name in self.used:
+        while name in self.used or name in self.reserved:
             i += 1
             name = f"{stem}#{i}"
         self.used.add(name)
         return name
 
     def node(self, op: str, inputs: Sequence[str], stem: Optional[str] = None, outputs: int = 1,
-             **attrs) -> str | list[str]:
-        """Append one node; returns its output name (a list when ``outputs`` > 1)."""
+             exact: bool = False, **attrs) -> str | list[str]:
+        """Append one node; returns its output name (a list when ``outputs`` > 1). With
+        ``exact`` its (single) output is the reserved name ``stem``."""
         base = stem or op.lower()
-        names = [self.fresh(base if i == 0 else f"{base}:{i}") for i in range(outputs)]
+        names = [self.fresh(base if i == 0 else f"{base}:{i}", exact and i == 0)
+                 for i in range(outputs)]
         self.nodes.append(helper.make_node(op, list(inputs), names, name=self.fresh(f"node:{base}"),
                                            **attrs))
         return names[0] if outputs == 1 else names
