@@ -135,16 +135,16 @@ class TraceSums:
 
 def batch_size_for(network: Network, memory_budget: int, requested: Optional[int],
                    precision: str = "float64", engine: str = "numpy") -> int:
-    """The requested batch size, lowered so that the batches in flight (ENGINE_WORKERS for
-    the NumPy engine, one for onnxruntime) fit the budget together. By default, at most 256
-    samples and about DEFAULT_BATCH_BYTES of engine memory per batch: small batches stay in
-    cache (LeNet: ~40 samples with the NumPy engine)."""
+    """The requested batch size, lowered so that the ENGINE_WORKERS batches in flight fit
+    the budget together. By default, at most 256 samples and about DEFAULT_BATCH_BYTES of
+    engine memory per batch: small batches stay in cache (LeNet: ~40 samples with the NumPy
+    engine, ~20 with the trace graph, which keeps every activation)."""
     if requested is not None and requested < 1:
         raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
     itemsize = np.dtype(PRECISIONS.get(precision, np.float64)).itemsize
-    workers = ENGINE_WORKERS if engine == "numpy" else 1
+    workers = ENGINE_WORKERS
     per_sample = (bytes_per_sample(network, itemsize) if engine == "numpy"
                   else graph_bytes_per_sample(network, itemsize)) * workers
     if per_sample > memory_budget:
@@ -210,7 +210,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         from .trace_graph.runner import TraceGraphRunner
 
         runner = TraceGraphRunner(network, provider, precision, diagonal)
-        provider_used, precision, workers = runner.provider, runner.precision, 1
+        provider_used, precision, workers = runner.provider, runner.precision, runner.workers
 
         def job(x: np.ndarray) -> _Batch:
             t0 = time.perf_counter()

@@ -2,9 +2,9 @@
 nodes; one rule per layer type, the same rules as ``engine.backprop`` (docs/method.md,
 "Back-propagating the signals"), applied to all N·R signals at once.
 
-Window ops go back through col2im (ONNX Col2Im, the adjoint of im2col): the conv forms
-the columns Wᵀ g with one MatMul node, average pooling repeats the spread signal over the
-kernel offsets, max pooling multiplies it by the one-hot arg-max offsets.
+The conv goes back through ConvTranspose; the pooling layers through col2im (ONNX
+Col2Im, the adjoint of im2col): average pooling repeats the spread signal over the kernel
+offsets, max pooling multiplies it by the one-hot arg-max offsets.
 """
 
 from __future__ import annotations
@@ -145,15 +145,27 @@ def _(layer: Dense, ctx, g):
 
 @backward.register
 def _(layer: Conv2d, ctx, g):
-    """The transposed convolution: the columns Wᵀ g, (G, Q, O) @ (N·R, G, O, P) in one
-    MatMul node, then col2im."""
+    """The transposed convolution (ConvTranspose with the same kernel, stride, dilation,
+    groups and padding) over all N·R signal maps; output_padding restores the last
+    (H + p_top + p_bottom − d(k − 1) − 1) mod s rows that no window reads. In ceil_mode the
+    signals are laid on the padded frame and cropped."""
     b = ctx.b
-    groups = layer.groups
-    _, ho, wo = ctx.out_shape(layer)
-    o = layer.out_channels // groups
-    kernel_t = b.node("Transpose", [b.reshape(ctx.conv_kernel(layer), (groups, o, -1))],
-                      perm=[0, 2, 1])  # (G, Q, O)
-    cols = b.node("MatMul", [kernel_t, b.reshape(g, (-1, groups, o, ho * wo))])  # (M, G, Q, P)
-    cols = b.reshape(cols, (-1, groups * layer.weight[0].size, ho * wo))
+    geom = layer.geometry
     in_shape = ctx.in_shape(layer)
-    return _to_signals(ctx, col2im(ctx, cols, layer.geometry, in_shape), in_shape)
+    c, h, w = in_shape
+    maps = b.reshape(g, (-1,) + ctx.out_shape(layer))
+    attrs = {"group": layer.groups, "kernel_shape": list(geom.kernel),
+             "strides": list(geom.stride), "dilations": list(geom.dilation)}
+    if geom.ceil_mode:
+        hp, wp = geom.padded_hw((h, w))
+        extent = [(o - 1) * s + d * (k - 1) + 1 for o, s, d, k in
+                  zip(ctx.out_shape(layer)[1:], geom.stride, geom.dilation, geom.kernel)]
+        frame = b.node("ConvTranspose", [maps, ctx.conv_kernel(layer)], "signal_frame", **attrs)
+        frame = b.node("Pad", [frame, b.ints([0, 0, 0, 0, 0, 0, hp - extent[0], wp - extent[1]])])
+        out = _crop(ctx, frame, geom.pads[0], geom.pads[1], h, w)
+    else:
+        rest = [((h, w)[ax] + geom.pads[ax] + geom.pads[ax + 2]
+                 - geom.dilation[ax] * (geom.kernel[ax] - 1) - 1) % geom.stride[ax] for ax in range(2)]
+        out = b.node("ConvTranspose", [maps, ctx.conv_kernel(layer)], "signal_maps",
+                     pads=list(geom.pads), output_padding=rest, **attrs)
+    return _to_signals(ctx, out, in_shape)

@@ -3,6 +3,7 @@ through I/O binding; provider and precision resolved (and reported) once."""
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -13,6 +14,8 @@ from ..runtime import PROVIDERS, _quiet_stderr, cuda_error, cuda_usable
 from . import DIAGONAL_PREFIX, INPUT, LOGITS, TRACES, build_trace_graph
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+#: batches run at once on the CPU, each single-threaded (as the NumPy engine's workers)
+ENGINE_WORKERS = 2
 
 
 def resolve_provider(provider: str) -> str:
@@ -35,11 +38,13 @@ class TraceGraphRunner:
     ``precision`` float64 runs the float64 graph where the provider has a float64 kernel
     for every op, else the float32 graph (``warning`` says so); ``precision`` is then what
     actually ran. Calling it on a batch returns (per-sample traces (N, T) float64, logits
-    (N, K) float64, diagonal batch sums or None).
+    (N, K) float64, diagonal batch sums or None). It may be called from several threads at
+    once (each gets its own I/O binding): on the CPU, two single-threaded runs side by side
+    beat one run on two threads, whose workers wait for each other after every node.
     """
 
     def __init__(self, network: Network, provider: str = "auto", precision: str = "float32",
-                 diagonal: bool = False, threads: int = 0):
+                 diagonal: bool = False):
         import onnxruntime as ort
 
         if precision not in DTYPES:
@@ -49,7 +54,9 @@ class TraceGraphRunner:
         self.warning: Optional[str] = None
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = threads
+        # CUDA: one run at a time on the device; CPU: one single-threaded run per worker
+        self.workers = 1 if self.provider == "cuda" else ENGINE_WORKERS
+        options.intra_op_num_threads = 0 if self.provider == "cuda" else 1
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
                      else ["CPUExecutionProvider"])
         tried = [precision] if precision == "float32" else ["float64", "float32"]
@@ -70,10 +77,12 @@ class TraceGraphRunner:
             break
         self.dtype = DTYPES[self.precision]
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.binding = self.session.io_binding()
+        self.local = threading.local()
 
     def __call__(self, x: np.ndarray):
-        binding = self.binding
+        binding = getattr(self.local, "binding", None)
+        if binding is None:
+            binding = self.local.binding = self.session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         binding.bind_cpu_input(INPUT, np.ascontiguousarray(x, dtype=self.dtype))
