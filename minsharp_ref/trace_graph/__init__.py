@@ -35,10 +35,10 @@ def loss_kind(network: Network) -> str:
 
 def check_supported(network: Network) -> None:
     """Refuse, in one line, networks with a layer type or loss without a rule here."""
-    for layer in network.layers:
+    start = first_param_index(network)
+    for i, layer in enumerate(network.layers):
         kind = type(layer)
-        missing = kind not in forward.registry or (
-            kind not in backward.registry and not _before_first_param(network, layer))
+        missing = kind not in forward.registry or (i > start and kind not in backward.registry)
         if is_parameterised(layer):
             missing = missing or kind not in measure.registry
         if missing:
@@ -47,10 +47,6 @@ def check_supported(network: Network) -> None:
     if loss_kind(network) not in LOSS_HEADS:
         raise MinsharpError(f"the onnxruntime engine does not support the loss "
                             f"{loss_kind(network)!r} yet; use --engine numpy")
-
-
-def _before_first_param(network: Network, layer) -> bool:
-    return network.layers.index(layer) <= first_param_index(network)
 
 
 def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False) -> onnx.ModelProto:
@@ -93,7 +89,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
         value, diag = (m.weight, m.weight_diagonal) if which == "weight" else (m.bias, m.bias_diagonal)
         columns.append(b.node("Unsqueeze", [value, b.ints([1])]))
         if diagonal:
-            diagonals.append((name, b.node("Identity", [diag], DIAGONAL_PREFIX + name, exact=True)))
+            shape = list(np.shape(getattr(params[d], which)))
+            diagonals.append((b.node("Identity", [diag], DIAGONAL_PREFIX + name, exact=True), shape))
     traces = b.node("Concat", columns, TRACES, exact=True, axis=1)
     logits_out = b.node("Identity", [logits], LOGITS, exact=True)
 
@@ -101,10 +98,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     inputs = [helper.make_tensor_value_info(INPUT, b.elem, [n, *network.input_shape])]
     outputs = [helper.make_tensor_value_info(traces, TensorProto.DOUBLE, [n, len(columns)]),
                helper.make_tensor_value_info(logits_out, b.elem, [n, k])]
-    for name, value in diagonals:
-        shape = next(list(np.shape(getattr(l, w))) for l in params for w in ("weight", "bias")
-                     if getattr(l, f"{w}_name") == name)
-        outputs.append(helper.make_tensor_value_info(value, TensorProto.DOUBLE, shape))
+    outputs += [helper.make_tensor_value_info(value, TensorProto.DOUBLE, shape)
+                for value, shape in diagonals]
     doc = ("minsharp-ref trace graph: per-sample exact Hessian-trace contributions of every "
            "parameter tensor (outputs 'traces', columns: "
            + ", ".join(name for _, _, name in tensor_columns(network)) + "); see docs/trace-graph.md")

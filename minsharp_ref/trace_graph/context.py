@@ -18,6 +18,7 @@ class Context:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # IR tensor → per-sample shape
     routes: dict[str, str] = field(default_factory=dict)  # max-pool output → its Indices
     signals: int = 0  # R: signals per sample (rows of the loss-Hessian factor)
+    derived: dict[str, str] = field(default_factory=dict)  # effective parameter tensors, made once
 
     def input_of(self, layer: LayerBase) -> str:
         return self.values[layer.input_name]
@@ -49,14 +50,19 @@ class Context:
 
     def dense_matrix(self, layer: Dense) -> str:
         """W = weight_coef · (weight or weightᵀ), (out, in)."""
-        w = self.parameter(layer.weight_name, layer.weight)
-        if layer.weight_transposed:
-            w = self.b.node("Transpose", [w], f"{layer.weight_name}:T", perm=[1, 0])
-        return self.scaled(w, layer.weight_coef)
+        if layer.weight_name not in self.derived:
+            w = self.parameter(layer.weight_name, layer.weight)
+            if layer.weight_transposed:
+                w = self.b.node("Transpose", [w], f"{layer.weight_name}:T", perm=[1, 0])
+            self.derived[layer.weight_name] = self.scaled(w, layer.weight_coef)
+        return self.derived[layer.weight_name]
 
     def conv_kernel(self, layer: Conv2d) -> str:
-        w = self.parameter(layer.weight_name, layer.weight)
-        return self.scaled(w, layer.weight_coef)
+        """weight_coef · weight, (C_out, C_in/groups, kh, kw)."""
+        if layer.weight_name not in self.derived:
+            w = self.parameter(layer.weight_name, layer.weight)
+            self.derived[layer.weight_name] = self.scaled(w, layer.weight_coef)
+        return self.derived[layer.weight_name]
 
     def bias(self, layer, shape: tuple[int, ...]) -> str:
         """bias_coef · bias reshaped to ``shape``."""

@@ -8,14 +8,12 @@ from typing import Optional
 
 import numpy as np
 
+from ..api import ENGINE_WORKERS
 from ..errors import MinsharpError, first_line
 from ..ir import Network
 from ..runtime import PROVIDERS, _quiet_stderr, cuda_error, cuda_usable
 from . import DIAGONAL_PREFIX, INPUT, LOGITS, TRACES, build_trace_graph
-
-DTYPES = {"float32": np.float32, "float64": np.float64}
-#: batches run at once on the CPU, each single-threaded (as the NumPy engine's workers)
-ENGINE_WORKERS = 2
+from .export import DTYPES
 
 
 def resolve_provider(provider: str) -> str:
