@@ -13,12 +13,12 @@ import numpy as np
 from . import __version__
 from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
-from .trace_graph.memory import graph_bytes_per_sample
 from .errors import MinsharpError
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
 from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, make_forward
 from .sharpness import minimum_sharpness
+from .trace_graph.memory import graph_bytes_per_sample
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
 DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
@@ -144,15 +144,14 @@ def batch_size_for(network: Network, memory_budget: int, requested: Optional[int
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
     itemsize = np.dtype(PRECISIONS.get(precision, np.float64)).itemsize
-    workers = ENGINE_WORKERS
     per_sample = (bytes_per_sample(network, itemsize) if engine == "numpy"
-                  else graph_bytes_per_sample(network, itemsize)) * workers
+                  else graph_bytes_per_sample(network, itemsize)) * ENGINE_WORKERS
     if per_sample > memory_budget:
-        raise MinsharpError(f"one sample in each of the {workers} engine workers needs "
+        raise MinsharpError(f"one sample in each of the {ENGINE_WORKERS} engine workers needs "
                             f"about {per_sample / 2 ** 20:.1f} MiB, more than --memory-budget "
                             f"({memory_budget / 2 ** 20:.1f} MiB)")
     fit = memory_budget // per_sample
-    default = max(1, min(DEFAULT_BATCH_SIZE, DEFAULT_BATCH_BYTES * workers // per_sample))
+    default = max(1, min(DEFAULT_BATCH_SIZE, DEFAULT_BATCH_BYTES * ENGINE_WORKERS // per_sample))
     return int(min(requested or default, fit))
 
 
@@ -191,10 +190,9 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
                 provider: str, progress: Optional[Callable[[int], None]] = None,
                 precision: Optional[str] = None, check: bool = True, diagonal: bool = False,
                 per_sample: bool = False, engine: str = "numpy") -> EngineRun:
-    """Run forward + engine over batches and accumulate the results in float64 in batch
-    order: the NumPy engine ENGINE_WORKERS batches at a time, or the onnxruntime engine
-    (the trace graph, one batch at a time, certified on the first batch by the NumPy engine:
-    ``engine_check``)."""
+    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA), and
+    accumulate the results in float64 in batch order. ``engine`` "onnxruntime" runs the
+    trace graph, certified on its first samples by the float64 NumPy engine (``certify``)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
