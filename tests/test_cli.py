@@ -177,4 +177,5 @@ def test_numpy_path_reports_an_unchecked_fidelity(tmp_path):
     r = invoke("score", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--provider", "numpy")
     assert r.exit_code == 0, r.output
     assert "import fidelity not checked" in r.stdout
-    assert "warning: import fidelity not checked: onnxruntime cannot load the model" in r.stdout
+    assert "warning: import fidelity not checked: onnxruntime cannot load the model" in r.stderr
+    assert "warning:" not in r.stdout
