@@ -9,7 +9,7 @@ import sys
 CSI = re.compile(r"\x1b\[(\??[0-9;]*)([A-Za-z])")
 
 
-def run_in_pty(args, env=None, columns=120):
+def run_in_pty(args, env=None, columns=120, cwd=None):
     """Run ``args`` with stdout and stderr on one pseudo-terminal (raw mode: no newline
     translation) of ``columns`` columns; return (exit code, everything written, as text)."""
     import fcntl
@@ -21,7 +21,7 @@ def run_in_pty(args, env=None, columns=120):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     tty.setraw(slave)
-    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env,
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=cwd,
                          close_fds=True)
     os.close(slave)
     chunks = []
