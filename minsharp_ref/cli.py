@@ -162,10 +162,12 @@ def score(
             notes = G.mismatches(doc, base_doc)
             if notes:
                 raise MinsharpError(f"{baseline}: not comparable with this run: {'; '.join(notes)}")
+            compared = G.changes(doc, base_doc, sigma)
             doc["baseline"] = {"path": str(baseline), "sha256": base_sha,
                                "model_sha256": base_doc.get("model", {}).get("sha256"),
-                               "minsharp_ref_version": base_doc.get("minsharp_ref_version")}
-            gates = G.evaluate(doc, base_doc, thresholds, sigma)
+                               "minsharp_ref_version": base_doc.get("minsharp_ref_version"),
+                               "changes": compared}
+            gates = G.evaluate(compared, thresholds, sigma)
         if max_sharpness is not None:
             gates.append(G.max_sharpness_gate(doc, max_sharpness))
         if gates:
@@ -183,9 +185,9 @@ def score(
         if output_format == "json":
             output.text(text.rstrip("\n"))
         elif output_format == "markdown":
-            output.text(score_markdown(doc, doc.get("gates")))
+            output.text(score_markdown(doc))
         else:
-            output.report(score_blocks(doc, doc.get("gates")))
+            output.report(score_blocks(doc))
         for w in doc["warnings"]:
             output.warning(w)
         failed = [g for g in doc.get("gates", []) if not g["passed"]]

@@ -136,43 +136,56 @@ def stderr_of(doc: dict, quantity: str) -> Optional[float]:
     return se if se is not None and math.isfinite(se) else None
 
 
-def evaluate(doc: dict, baseline: dict, thresholds: dict[str, Threshold],
+def changes(doc: dict, baseline: dict, sigma: Optional[float] = None) -> list[dict]:
+    """Every quantity that both reports have, compared: change, relative change, standard
+    error of the difference, the change in standard errors (z) and whether it is within
+    noise (|z| ≤ K, K = --sigma or 2)."""
+    out = []
+    for quantity, (label, _) in QUANTITIES.items():
+        value, base = doc.get(quantity), baseline.get(quantity)
+        if value is None or base is None:
+            continue
+        se_now, se_base = stderr_of(doc, quantity), stderr_of(baseline, quantity)
+        se = None if se_now is None or se_base is None else math.hypot(se_now, se_base)
+        z = (value - base) / se if se else None
+        k = NOISE_SIGMA if sigma is None else sigma
+        out.append({"quantity": quantity, "label": label, "value": value, "baseline": base,
+                    "change": value - base,
+                    "relative_change": (value - base) / abs(base) if base else None,
+                    "stderr_difference": se, "z": z,
+                    "within_noise": None if se is None else abs(value - base) <= k * se})
+    return out
+
+
+def evaluate(compared: list[dict], thresholds: dict[str, Threshold],
              sigma: Optional[float]) -> list[dict]:
-    """One verdict per gated quantity (docs/json.md, ``gates``)."""
+    """One verdict per gated quantity (docs/json.md, ``gates``), from ``changes``."""
+    by_quantity = {c["quantity"]: c for c in compared}
     verdicts = []
     for quantity, threshold in thresholds.items():
         label, direction = QUANTITIES[quantity]
-        value, base = doc.get(quantity), baseline.get(quantity)
-        if value is None or base is None:
-            which = "this run" if value is None else "the baseline"
-            raise MinsharpError(f"--gate {quantity}: {which} has no {label} (data without labels?)")
-        allowance = threshold.allowance(base)
-        limit = base + direction * allowance
+        c = by_quantity.get(quantity)
+        if c is None:
+            raise MinsharpError(f"--gate {quantity}: this run or the baseline has no {label} "
+                                "(data without labels?)")
+        value, base, se, z = c["value"], c["baseline"], c["stderr_difference"], c["z"]
+        limit = base + direction * threshold.allowance(base)
         exceeded = value > limit if direction > 0 else value < limit
-        se_now, se_base = stderr_of(doc, quantity), stderr_of(baseline, quantity)
-        se = None if se_now is None or se_base is None else math.hypot(se_now, se_base)
-        z = None if not se else (value - base) / se
-        k = NOISE_SIGMA if sigma is None else sigma
-        within_noise = None if se is None else abs(value - base) <= k * se
         beyond_sigma = sigma is None or se is None or direction * (value - base) > sigma * se
         passed = not (exceeded and beyond_sigma)
         sign = "+" if direction > 0 else "-"
         rule = f"{'≤' if direction > 0 else '≥'} baseline {sign} {threshold.text}" \
-            + ("" if sigma is None else f", beyond {sigma:g} s.e.")
-        if passed:
-            message = None
-        else:
+            + ("" if sigma is None else f" and beyond {sigma:g} s.e.")
+        message = None
+        if not passed:
             message = (f"{label} {value:.6g} {'>' if direction > 0 else '<'} {limit:.6g} (baseline "
                        f"{base:.6g} {sign} {threshold.text})")
             if sigma is not None:
                 message += (f", {z:+.1f} s.e. of the difference (--sigma {sigma:g})" if z is not None
                             else f"; no standard error for {label}, so --sigma cannot discount it")
-        verdicts.append({
-            "quantity": quantity, "label": label, "value": value, "baseline": base,
-            "change": value - base, "relative_change": (value - base) / abs(base) if base else None,
-            "threshold": threshold.text, "limit": limit, "rule": rule,
-            "stderr_difference": se, "sigma": sigma, "z": z, "within_noise": within_noise,
-            "passed": passed, "message": message})
+        verdicts.append({"quantity": quantity, "label": label, "value": value, "baseline": base,
+                         "threshold": threshold.text, "limit": limit, "sigma": sigma, "rule": rule,
+                         "exceeded": exceeded, "passed": passed, "message": message})
     return verdicts
 
 
@@ -181,8 +194,6 @@ def max_sharpness_gate(doc: dict, limit: float) -> dict:
     value = doc["minimum_sharpness"]
     passed = not value > limit
     return {"quantity": "minimum_sharpness", "label": "minimum sharpness", "value": value,
-            "baseline": None, "change": None, "relative_change": None,
-            "threshold": f"{limit:g}", "limit": limit, "rule": f"≤ {limit:g} (--max-sharpness)",
-            "stderr_difference": None, "sigma": None, "z": None, "within_noise": None,
-            "passed": passed,
+            "baseline": None, "threshold": f"{limit:g}", "limit": limit, "sigma": None,
+            "rule": f"≤ {limit:g} (--max-sharpness)", "exceeded": not passed, "passed": passed,
             "message": None if passed else f"minimum sharpness {value:.6g} > --max-sharpness {limit:g}"}

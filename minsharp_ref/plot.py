@@ -50,10 +50,9 @@ def plot_bytes(doc: dict, fmt: str, baseline: Optional[dict] = None) -> bytes:
 
     fig = Figure(figsize=SIZE, dpi=DPI)
     ax = fig.add_subplot()
-    series = [("naive", doc, "tab:blue", None), ("at α*", doc, "tab:orange", None)]
-    if baseline is not None:
-        series += [("baseline naive", baseline, "tab:blue", "//"),
-                   ("baseline at α*", baseline, "tab:orange", "//")]
+    series = [("naive", doc, "tab:blue", None), ("baseline naive", baseline, "tab:blue", "//"),
+              ("at α*", doc, "tab:orange", None), ("baseline at α*", baseline, "tab:orange", "//")]
+    series = [s for s in series if s[1] is not None]
     width = 0.8 / len(series)
     n = len(doc["layers"])
     for k, (label, source, colour, hatch) in enumerate(series):

@@ -43,6 +43,11 @@ def fmt(value: Optional[float], spec: str = ".6g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def fmt_quantity(quantity: str, value: Optional[float]) -> str:
+    """A report quantity as the report prints it (accuracy with 4 decimals)."""
+    return fmt(value, ".4f" if quantity == "accuracy" else ".6g")
+
+
 # ---------------------------------------------------------------- renderers
 
 
@@ -173,8 +178,9 @@ def _stderr(value: Optional[float]) -> str:
     return "nan" if value is None else f"{value:.2g}"
 
 
-def score_blocks(doc: dict, gates: Optional[list[dict]] = None) -> list[Block]:
-    """The ``score`` report (docs/cli.md, Output). Warnings are not part of it: they go to
+def score_blocks(doc: dict) -> list[Block]:
+    """The ``score`` report (docs/cli.md, Output), with the comparison with ``baseline`` and
+    the ``gates`` when the document has them. Warnings are not part of it: they go to
     stderr (``Output.warning``)."""
     d = doc["data"]
     blocks: list[Block] = [f"minsharp-ref {__version__}: {doc['model']['path']}"]
@@ -210,73 +216,87 @@ def score_blocks(doc: dict, gates: Optional[list[dict]] = None) -> list[Block]:
         blocks.append("traces at alpha*     " + ", ".join(
             f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
             for l in m["traces_at_alpha"] if l["weight"] is not None))
-    if gates:
-        blocks += [""] + gate_blocks(doc.get("baseline"), gates)
+    base = doc.get("baseline")
+    if base:
+        blocks += ["", f"baseline {base['path']} (sha256 {base['sha256'][:12]}, model sha256 "
+                       f"{str(base.get('model_sha256'))[:12]})", comparison_table(base["changes"])]
+    if doc.get("gates"):
+        blocks += ["", gate_table(doc["gates"])]
     return blocks
 
 
-def _change(g: dict) -> str:
-    if g.get("baseline") is None:
-        return "-"
-    rel = g.get("relative_change")
-    text = f"{g['change']:+.4g}" + ("" if rel is None else f" ({rel:+.2%})")
-    if g.get("z") is not None:
-        text += f", {g['z']:+.1f} s.e."
-    return text
+def _noise(c: dict) -> str:
+    """The change in standard errors of the difference, and whether it is within noise."""
+    if c.get("z") is None:
+        return "no s.e."
+    return f"{c['z']:+.1f} s.e." + (", within noise" if c.get("within_noise") else "")
+
+
+def _change(c: dict) -> str:
+    rel = c.get("relative_change")
+    return f"{c['change']:+.4g}" + ("" if rel is None else f" ({rel:+.2%})")
+
+
+def comparison_table(changes: list[dict]) -> Table:
+    rows = [[c["label"], fmt_quantity(c["quantity"], c["value"]),
+             fmt_quantity(c["quantity"], c["baseline"]), _change(c), _noise(c)]
+            for c in changes]
+    return Table(["quantity", "now", "baseline", "change", "noise"], rows, frozenset({1, 2, 3}))
 
 
 def _verdict(g: dict) -> str:
-    return "PASS" if g["passed"] else "FAIL"
+    if not g["passed"]:
+        return "FAIL"
+    return "PASS (within noise)" if g.get("exceeded") else "PASS"
 
 
-def gate_blocks(baseline: Optional[dict], gates: list[dict]) -> list[Block]:
-    blocks: list[Block] = []
-    if baseline:
-        blocks.append(f"baseline: {baseline['path']} (sha256 {baseline['sha256'][:12]}…, "
-                      f"model sha256 {str(baseline.get('model_sha256'))[:12]}…)")
-    rows = [[g["label"], fmt(g["value"]), fmt(g.get("baseline")), _change(g), g["rule"],
-             "within noise" if g.get("within_noise") else "", _verdict(g)] for g in gates]
-    blocks.append(Table(["gate", "now", "baseline", "change", "rule", "noise", "verdict"],
-                        rows, frozenset({1, 2})))
-    return blocks
+def gate_table(gates: list[dict]) -> Table:
+    rows = [[g["label"], g["rule"], fmt_quantity(g["quantity"], g["value"]),
+             fmt_quantity(g["quantity"], g["limit"]), _verdict(g)] for g in gates]
+    return Table(["gate", "rule", "now", "limit", "verdict"], rows, frozenset({2, 3}))
 
 
-def score_markdown(doc: dict, gates: Optional[list[dict]] = None) -> str:
+def score_markdown(doc: dict) -> str:
     """A compact markdown summary for a CI job page (``$GITHUB_STEP_SUMMARY``): model, data,
-    MS ± s.e., naive trace, per-layer table, gates with ✅/❌, warnings."""
+    MS ± s.e., naive trace, the comparison with the baseline, per-layer table, gates with
+    ✅/❌, warnings."""
     d = doc["data"]
-    base = {g["quantity"]: g for g in gates or [] if g.get("baseline") is not None}
     lines = [f"### minsharp-ref: `{doc['model']['path']}`", ""]
     prep = "; ".join(d.get("preprocessing", [])) or "no preprocessing"
-    lines.append(f"Data `{d['path']}` [{d.get('x_key')}{', ' + d['y_key'] if d.get('y_key') else ''}], "
-                 f"{d['samples']} samples; {prep}. Forward: {doc.get('provider')}; model sha256 "
-                 f"`{doc['model'].get('sha256', '')[:12]}`.")
+    keys = ", ".join(k for k in (d.get("x_key"), d.get("y_key")) if k)
+    lines.append(f"Data `{d['path']}` [{keys}], {d['samples']} samples; {prep}. "
+                 f"Forward: {doc.get('provider')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`.")
     lines.append("")
-    ms_se, tr_se = doc.get("minimum_sharpness_stderr"), doc.get("trace_stderr")
-    summary = [["minimum sharpness", f"{doc['minimum_sharpness']:.6g} ± {_stderr(ms_se)}"],
-               ["naive trace", f"{doc['trace']:.6g} ± {_stderr(tr_se)}"]]
+    values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(doc.get('minimum_sharpness_stderr'))}",
+              "trace": f"{doc['trace']:.6g} ± {_stderr(doc.get('trace_stderr'))}"}
     if doc.get("loss") is not None:
-        summary += [["loss", f"{doc['loss']:.6g}"], ["accuracy", f"{doc['accuracy']:.4f}"]]
-    keys = ["minimum_sharpness", "trace", "loss", "accuracy"]
+        values.update(loss=f"{doc['loss']:.6g}", accuracy=f"{doc['accuracy']:.4f}")
+    labels = {"minimum_sharpness": "minimum sharpness", "trace": "naive trace", "loss": "loss",
+              "accuracy": "accuracy"}
+    base = doc.get("baseline")
     if base:
-        for row, key in zip(summary, keys):
-            g = base.get(key)
-            row += ["-", "-"] if g is None else [fmt(g["baseline"]), _change(g)]
-        lines += markdown_table(Table(["", "now", "baseline", "change"], summary,
+        changes = {c["quantity"]: c for c in base["changes"]}
+        rows = [[labels[q], v] + ([fmt_quantity(q, changes[q]["baseline"]), _change(changes[q]),
+                                   _noise(changes[q])]
+                                  if q in changes else ["-", "-", ""]) for q, v in values.items()]
+        lines += markdown_table(Table(["", "now", "baseline", "change", "noise"], rows,
                                       frozenset({1, 2, 3})))
+        lines += ["", f"Baseline `{base['path']}` (sha256 `{base['sha256'][:12]}`, model sha256 "
+                      f"`{str(base.get('model_sha256'))[:12]}`)."]
     else:
-        lines += markdown_table(Table(["", "value"], summary, frozenset({1})))
+        lines += markdown_table(Table(["", "value"], [[labels[q], v] for q, v in values.items()],
+                                      frozenset({1})))
     lines.append("")
     lines += markdown_table(layer_table(doc))
-    if gates:
+    if doc.get("gates"):
+        rows = [["✅" if g["passed"] else "❌", g["label"], g["rule"],
+                 fmt_quantity(g["quantity"], g["value"]), fmt_quantity(g["quantity"], g["limit"]),
+                 _verdict(g)] for g in doc["gates"]]
         lines += ["", "**Gates**", ""]
-        rows = [["✅" if g["passed"] else "❌", g["label"], fmt(g["value"]), g["rule"],
-                 ("within noise" if g.get("within_noise") else "") if g.get("baseline") is not None else "",
-                 "pass" if g["passed"] else "**fail**"] for g in gates]
-        lines += markdown_table(Table(["", "gate", "now", "rule", "noise", "verdict"], rows,
-                                      frozenset({2})))
+        lines += markdown_table(Table(["", "gate", "rule", "now", "limit", "verdict"], rows,
+                                      frozenset({3, 4})))
     for w in doc.get("warnings", []):
-        lines += ["", f"> ⚠️ {w}"]
+        lines += ["", f"> ⚠️ warning: {w}"]
     return "\n".join(lines)
 
 
