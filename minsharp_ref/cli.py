@@ -134,12 +134,7 @@ def score(
             raise MinsharpError(f"--max-sharpness must be a non-negative number, not {max_sharpness}")
         if output_format not in ("table", "markdown", "json"):
             raise MinsharpError(f"--format must be table, markdown or json, not {output_format!r}")
-        thresholds = G.parse_gates(gate, max_increase)
-        if sigma is not None and not (sigma >= 0 and sigma < float("inf")):
-            raise MinsharpError(f"--sigma must be a finite non-negative number, not {sigma}")
-        if (thresholds or sigma is not None) and baseline is None:
-            raise MinsharpError("--max-increase, --gate and --sigma compare with a baseline: "
-                                "give --baseline LAST.json")
+        thresholds = G.parse_gates(gate, max_increase, sigma, baseline is not None)
         base_doc, base_sha = G.load_baseline(baseline) if baseline is not None else (None, None)
         plot_format = check_plot_path(plot) if plot is not None else None
         for out in (json_path, diag_path, per_sample_path, plot):
@@ -156,23 +151,8 @@ def score(
                                diagonal=diag_path is not None, per_sample=per_sample_path is not None,
                                measures=measures, input_shape=_ints(input_shape, "--input-shape"),
                                progress=progress, on_start=on_start)
-        doc = result.to_dict()
-        gates = []
-        if base_doc is not None:
-            notes = G.mismatches(doc, base_doc)
-            if notes:
-                raise MinsharpError(f"{baseline}: not comparable with this run: {'; '.join(notes)}")
-            compared = G.changes(doc, base_doc, sigma)
-            doc["baseline"] = {"path": str(baseline), "sha256": base_sha,
-                               "model_sha256": base_doc.get("model", {}).get("sha256"),
-                               "minsharp_ref_version": base_doc.get("minsharp_ref_version"),
-                               "changes": compared}
-            gates = G.evaluate(compared, thresholds, sigma)
-        if max_sharpness is not None:
-            gates.append(G.max_sharpness_gate(doc, max_sharpness))
-        if gates:
-            doc["gates"] = gates
-        doc = json_safe(doc)
+        doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
+                                     sigma, max_sharpness))
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
         if diag_path is not None:
             write_atomically(diag_path, npz_bytes(result.diagonal))

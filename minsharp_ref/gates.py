@@ -53,10 +53,16 @@ def parse_threshold(text: str, option: str) -> Threshold:
     return Threshold(value / 100 if relative else value, relative, t)
 
 
-def parse_gates(spec: Optional[str], max_increase: Optional[str]) -> dict[str, Threshold]:
+def parse_gates(spec: Optional[str], max_increase: Optional[str], sigma: Optional[float],
+                with_baseline: bool) -> dict[str, Threshold]:
     """The gated quantities and their thresholds: minimum sharpness at ``--max-increase``,
     plus each ``--gate`` entry (``trace``, ``loss:2%``, ``accuracy:0.01``; an entry without
-    a threshold takes ``--max-increase``)."""
+    a threshold takes ``--max-increase``). Checks ``--sigma`` too; all need a baseline."""
+    if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
+        raise MinsharpError(f"--sigma must be a finite non-negative number, not {sigma}")
+    if (max_increase is not None or spec is not None or sigma is not None) and not with_baseline:
+        raise MinsharpError("--max-increase, --gate and --sigma compare with a baseline: "
+                            "give --baseline LAST.json")
     default = None if max_increase is None else parse_threshold(max_increase, "--max-increase")
     gates = {} if default is None else {"minimum_sharpness": default}
     for entry in [] if spec is None else [e.strip() for e in spec.split(",")]:
@@ -197,3 +203,28 @@ def max_sharpness_gate(doc: dict, limit: float) -> dict:
             "baseline": None, "threshold": f"{limit:g}", "limit": limit, "sigma": None,
             "rule": f"≤ {limit:g} (--max-sharpness)", "exceeded": not passed, "passed": passed,
             "message": None if passed else f"minimum sharpness {value:.6g} > --max-sharpness {limit:g}"}
+
+
+def with_gates(doc: dict, path, baseline: Optional[dict], digest: Optional[str],
+               thresholds: dict[str, Threshold], sigma: Optional[float],
+               max_sharpness: Optional[float]) -> dict:
+    """``doc`` with ``baseline`` (the comparison with the baseline report read from ``path``,
+    whose bytes have SHA-256 ``digest``) and ``gates`` (every verdict) added where asked.
+    Raises MinsharpError, naming every difference, when the baseline is not comparable."""
+    doc = dict(doc)
+    gates = []
+    if baseline is not None:
+        notes = mismatches(doc, baseline)
+        if notes:
+            raise MinsharpError(f"{path}: not comparable with this run: {'; '.join(notes)}")
+        compared = changes(doc, baseline, sigma)
+        doc["baseline"] = {"path": str(path), "sha256": digest,
+                           "model_sha256": baseline.get("model", {}).get("sha256"),
+                           "minsharp_ref_version": baseline.get("minsharp_ref_version"),
+                           "changes": compared}
+        gates = evaluate(compared, thresholds, sigma)
+    if max_sharpness is not None:
+        gates.append(max_sharpness_gate(doc, max_sharpness))
+    if gates:
+        doc["gates"] = gates
+    return doc

@@ -17,6 +17,7 @@ from typing import IO, Optional
 from rich.console import Console
 from rich.progress import (BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn,
                            TimeElapsedColumn)
+from rich.table import Column
 from rich.text import Text
 
 
@@ -72,14 +73,12 @@ class Phases:
         if console is None and enabled and interactive(sys.stderr):
             console = Console(file=sys.stderr, force_terminal=True, highlight=False)
         self._progress = Progress(
-            TextColumn("{task.description:<8}"), BarColumn(), _Count(), _Rate(),
-            TimeElapsedColumn(), _Remaining(), console=console, transient=False,
+            TextColumn("{task.description:<8}"), BarColumn(),
+            _Count(table_column=Column(no_wrap=True)), _Rate(table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(), _Remaining(table_column=Column(no_wrap=True)),
+            console=console, transient=False,
             redirect_stdout=False, redirect_stderr=False) if enabled and console else None
         self._task: Optional[TaskID] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self._progress is not None
 
     def __enter__(self) -> "Phases":
         if self._progress is not None:
