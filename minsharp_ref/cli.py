@@ -119,7 +119,7 @@ def score(
     max_increase: Optional[str] = typer.Option(None, "--max-increase", help="Gate: exit 1 when minimum sharpness exceeds the baseline's by more than this: 10% (relative) or 2.5 (absolute)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="More gated quantities against the baseline, e.g. trace,loss:2%,accuracy:0.01 (accuracy gates a decrease; no threshold: --max-increase's)."),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Count only worsenings beyond K standard errors of the difference."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs the [plot] extra."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
