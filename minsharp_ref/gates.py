@@ -1,6 +1,7 @@
 """Release gates: compare a score report with the report of the last release (the
-baseline) and decide. Pure functions on the JSON documents (docs/json.md); the CLI wires
-them to ``--baseline``, ``--max-increase``, ``--gate``, ``--sigma`` and ``--max-sharpness``.
+baseline) and decide (docs/method.md section 6, "Comparing two reports"). Pure functions on
+the JSON documents (docs/json.md); the CLI wires them to ``--baseline``, ``--max-increase``,
+``--gate``, ``--sigma`` and ``--max-sharpness``.
 
 A gate on quantity q with baseline value b, current value v and allowance a (``10%``:
 a = 0.10·|b|; ``3``: a = 3) fails when v > b + a (for accuracy, which gates a decrease:

@@ -1,6 +1,6 @@
 """``score --plot FILE.png|.svg``: one figure of the per-layer traces, naive (t_d + u_d) and
-at the minimising rescaling α* (t_d/α*_d² + u_d/c*_d², docs/method.md; their sum is the
-minimum sharpness), on a log scale, with the baseline's bars beside them. matplotlib is the
+at the minimising rescaling α* (t_d/α*_d² + u_d/c*_d², docs/method.md section 5,
+Proposition 2; their sum is the minimum sharpness), on a log scale, with the baseline's bars beside them. matplotlib is the
 optional extra ``[plot]``."""
 
 from __future__ import annotations
