@@ -3,10 +3,21 @@
 import os
 import re
 import subprocess
-import sys
 
 #: escape sequences rich's live display uses: colours/styles, cursor show/hide, erase line, up
 CSI = re.compile(r"\x1b\[(\??[0-9;]*)([A-Za-z])")
+
+
+def pty_available() -> bool:
+    """Whether this machine can open a pseudo-terminal (POSIX with /dev/pts)."""
+    try:
+        import pty
+
+        for fd in pty.openpty():
+            os.close(fd)
+        return True
+    except (ImportError, OSError):
+        return False
 
 
 def run_in_pty(args, env=None, columns=120, cwd=None):

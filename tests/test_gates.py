@@ -202,3 +202,13 @@ def test_plot_without_matplotlib_is_a_clean_error(tmp_path, monkeypatch):
     assert r.exit_code == 2
     assert r.stderr == "error: --plot needs matplotlib: pip install 'minsharp-ref[plot]'\n"
     assert not png.exists() and not out.exists()
+
+
+def test_plotted_layer_traces_sum_to_the_naive_trace_and_the_minimum_sharpness(now):
+    """Proposition 2: at α* the per-layer traces t_d/α*_d² + u_d/c*_d² add up to MS."""
+    from minsharp_ref.plot import layer_traces
+
+    naive, at_alpha = layer_traces(now)
+    assert sum(naive) == pytest.approx(now["trace"], rel=1e-12)
+    assert sum(at_alpha) == pytest.approx(now["minimum_sharpness"], rel=1e-9)
+    assert all(a != n for a, n in zip(at_alpha, naive))  # α* ≠ 1: the two series differ

@@ -14,14 +14,15 @@ from typer.testing import CliRunner
 from minsharp_ref.cli import app
 
 from conftest import FIXTURES, MNIST, ROOT
-from terminal import run_in_pty, screens
+from terminal import pty_available, run_in_pty, screens
 from test_cli import float64_conv_model
 
 GOLDEN = ROOT / "tests" / "golden"
 MLP = FIXTURES / "mlp_torchscript.onnx"
 NORM = ["--mean", "0.5", "--std", "0.5"]
 CLI = [sys.executable, "-m", "minsharp_ref.cli"]
-posix_only = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+
+needs_pty = pytest.mark.skipif(not pty_available(), reason="no pseudo-terminals here")
 
 #: the only machine-dependent parts of the plain score report: wall-clock seconds, the
 #: float32 onnxruntime fidelity, and the solver's round-off-level final gradient
@@ -86,7 +87,7 @@ def test_verify_plain_report_is_golden(tmp_path):
     check_golden("verify_mlp.txt", p.stdout)
 
 
-@posix_only
+@needs_pty
 def test_terminal_shows_live_progress_with_rate_and_time_left_then_a_rich_table():
     code, stream = run_in_pty(CLI + ["score", str(MLP), "--data", str(MNIST), *NORM, "--limit", "1000",
                                      "--batch-size", "25"], env=plain_env(), columns=110)
@@ -110,7 +111,7 @@ def test_terminal_shows_live_progress_with_rate_and_time_left_then_a_rich_table(
     assert "\x1b[" in stream  # colours on a terminal
 
 
-@posix_only
+@needs_pty
 def test_no_color_in_a_terminal_gives_the_plain_report_and_no_escape_codes():
     code, stream = run_in_pty(CLI + [str(a) for a in SCORE], env=plain_env(NO_COLOR="1"), cwd=ROOT)
     assert code == 0, stream
@@ -118,7 +119,7 @@ def test_no_color_in_a_terminal_gives_the_plain_report_and_no_escape_codes():
     check_golden("score_mlp.txt", normalise(stream))
 
 
-@posix_only
+@needs_pty
 def test_quiet_prints_nothing_but_errors(tmp_path):
     out = tmp_path / "r.json"
     code, stream = run_in_pty(CLI + [str(a) for a in SCORE] + ["--quiet", "--json", str(out)],
@@ -144,7 +145,7 @@ def test_warnings_go_to_stderr_one_line_each_in_the_json_words(tmp_path):
     assert "warning:" not in p.stdout
 
 
-@posix_only
+@needs_pty
 def test_warnings_are_highlighted_on_a_terminal(tmp_path):
     model, data = float64_conv_model(tmp_path)
     code, stream = run_in_pty(CLI + ["score", str(model), "--data", str(data), "--provider", "numpy"],
