@@ -26,7 +26,8 @@ def check_plot_path(path) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise MinsharpError("--plot needs matplotlib: pip install 'minsharp-ref[plot]'") from None
+        raise MinsharpError("--plot needs matplotlib, the plot extra: pip install "
+                            "'minsharp-ref[plot]' (or matplotlib)") from None
     return fmt
 
 

@@ -63,7 +63,8 @@ def _rich_table(table: Table, plain: bool):
         t.add_column(header, justify="right" if right else "left", no_wrap=right,
                      overflow="fold")
     for row in table.rows:
-        t.add_row(*[Text(c, style="" if plain else STATUS_STYLE.get(c.split(" ")[0], "")) for c in row])
+        t.add_row(*[Text(c, style="" if plain else STATUS_STYLE.get(c.split(" ")[0], ""))
+                    for c in row])
     return t
 
 

@@ -200,7 +200,8 @@ def test_plot_without_matplotlib_is_a_clean_error(tmp_path, monkeypatch):
     png, out = tmp_path / "t.png", tmp_path / "r.json"
     r = invoke("--plot", png, "--json", out)
     assert r.exit_code == 2
-    assert r.stderr == "error: --plot needs matplotlib: pip install 'minsharp-ref[plot]'\n"
+    assert r.stderr == ("error: --plot needs matplotlib, the plot extra: pip install "
+                        "'minsharp-ref[plot]' (or matplotlib)\n")
     assert not png.exists() and not out.exists()
 
 
