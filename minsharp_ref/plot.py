@@ -1,7 +1,7 @@
 """``score --plot FILE.png|.svg``: one figure of the per-layer traces, naive (t_d + u_d) and
 at the minimising rescaling α* (t_d/α*_d² + u_d/c*_d², docs/method.md section 5,
-Proposition 2; their sum is the minimum sharpness), on a log scale, with the baseline's bars beside them. matplotlib is the
-optional extra ``[plot]``."""
+Proposition 2; their sum is the minimum sharpness), on a log scale, with the baseline's
+bars beside them. matplotlib is the optional extra ``[plot]``."""
 
 from __future__ import annotations
 
@@ -68,10 +68,9 @@ def plot_bytes(doc: dict, fmt: str, baseline: Optional[dict] = None) -> bytes:
                              for i, l in enumerate(doc["layers"])],
                   rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
     ax.set_ylabel("Hessian trace (weights + bias)")
-    ms = doc["minimum_sharpness"]
-    title = f"{Path(doc['model']['path']).name}: minimum sharpness {ms:.4g}, naive trace {doc['trace']:.4g}"
-    if baseline is not None:
-        title += f"\nbaseline {Path(baseline['model']['path']).name}: {baseline['minimum_sharpness']:.4g}, {baseline['trace']:.4g}"
+    title = "\n".join(f"{prefix}{Path(d['model']['path']).name}: minimum sharpness "
+                      f"{d['minimum_sharpness']:.4g}, naive trace {d['trace']:.4g}"
+                      for prefix, d in (("", doc), ("baseline ", baseline)) if d is not None)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", which="both", alpha=0.3)

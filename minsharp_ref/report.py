@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from . import __version__
+from .gates import QUANTITIES
 from .progress import interactive
 
 STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "UNKNOWN": "bold red",
@@ -265,15 +266,15 @@ def score_markdown(doc: dict) -> str:
     lines = [f"### minsharp-ref: `{doc['model']['path']}`", ""]
     prep = "; ".join(d.get("preprocessing", [])) or "no preprocessing"
     keys = ", ".join(k for k in (d.get("x_key"), d.get("y_key")) if k)
-    lines.append(f"Data `{d['path']}` [{keys}], {d['samples']} samples; {prep}. "
-                 f"Forward: {doc.get('provider')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`.")
+    lines.append(f"Data `{d['path']}` [{keys}], {d['samples']} samples; {prep}. Forward: "
+                 f"{doc.get('provider')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`.")
     lines.append("")
-    values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(doc.get('minimum_sharpness_stderr'))}",
-              "trace": f"{doc['trace']:.6g} ± {_stderr(doc.get('trace_stderr'))}"}
+    ms_se, trace_se = doc.get("minimum_sharpness_stderr"), doc.get("trace_stderr")
+    values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(ms_se)}",
+              "trace": f"{doc['trace']:.6g} ± {_stderr(trace_se)}"}
     if doc.get("loss") is not None:
         values.update(loss=f"{doc['loss']:.6g}", accuracy=f"{doc['accuracy']:.4f}")
-    labels = {"minimum_sharpness": "minimum sharpness", "trace": "naive trace", "loss": "loss",
-              "accuracy": "accuracy"}
+    labels = {q: label for q, (label, _) in QUANTITIES.items()}
     base = doc.get("baseline")
     if base:
         changes = {c["quantity"]: c for c in base["changes"]}
