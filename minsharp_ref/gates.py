@@ -95,10 +95,21 @@ def load_baseline(path) -> tuple[dict, str]:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise MinsharpError(f'{path}: not a score report (schema {found!r}, expected '
                             f'"{SCORE_SCHEMA}": write it with score --json)')
-    for key in ("data", "layers", "minimum_sharpness", "trace"):
-        if key not in doc:
-            raise MinsharpError(f'{path}: the baseline lacks "{key}"')
+    for key, kind in (("data", dict), ("layers", list), ("minimum_sharpness", (int, float)),
+                      ("trace", (int, float))):
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise MinsharpError(f'{path}: "{key}" is missing or not a JSON {_kind_name(kind)}')
+    if not all(isinstance(layer, dict) for layer in doc["layers"]):
+        raise MinsharpError(f'{path}: "layers" must hold objects')
+    for key in QUANTITIES:
+        value = doc.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise MinsharpError(f'{path}: "{key}" is not a number: {value!r}')
     return doc, hashlib.sha256(raw).hexdigest()
+
+
+def _kind_name(kind) -> str:
+    return {dict: "object", list: "array"}.get(kind, "number")
 
 
 def _structure(doc: dict) -> list[str]:

@@ -152,11 +152,17 @@ def test_gate_option_errors(tmp_path, now, args, text):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
-def test_a_baseline_that_is_not_a_score_report_is_refused(tmp_path):
+def test_a_baseline_that_is_not_a_score_report_is_refused(tmp_path, now):
     path = tmp_path / "inv.json"
     path.write_text(json.dumps({"schema": "minsharp-ref/invariance/v1"}))
     r = invoke("--baseline", path, "--max-increase", "5%")
     assert r.exit_code == 2 and "not a score report (schema 'minsharp-ref/invariance/v1'" in r.stderr
+    for change, text in [({"data": 5}, '"data" is missing or not a JSON object'),
+                         ({"minimum_sharpness": "1"}, '"minimum_sharpness" is missing or not a JSON number'),
+                         ({"layers": [1]}, '"layers" must hold objects'),
+                         ({"accuracy": True}, '"accuracy" is not a number: True')]:
+        r = invoke("--baseline", baseline(tmp_path, now, **change), "--max-increase", "5%")
+        assert r.exit_code == 2 and text in r.stderr and "internal error" not in r.stderr, r.stderr
 
 
 def test_markdown_summary_is_golden(tmp_path, now):
