@@ -45,6 +45,7 @@ def test_release_gate_script_passes_blocks_and_refuses(tmp_path):
     sharper = gate("mlp_dynamo.onnx", release, tmp_path / "v2", GITHUB_STEP_SUMMARY=str(summary))
     assert sharper.returncode == 1, sharper.stderr
     assert sharper.stderr.startswith("gate failed: minimum sharpness ")
+    assert "\r" not in sharper.stderr + sharper.stdout  # a CI log: no progress display
     assert "release blocked" in sharper.stderr
     assert "| ❌ | minimum sharpness |" in summary.read_text()
     assert summary.read_text() == (tmp_path / "v2" / "summary.md").read_text()
