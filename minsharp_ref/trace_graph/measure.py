@@ -19,6 +19,7 @@ import numpy as np
 from ..engine import conv_trace_flops
 from ..ir import Conv2d, Dense, LayerBase
 from .context import Context
+from .forward import window_attrs
 
 F64 = np.float64
 
@@ -74,10 +75,8 @@ def im2col(ctx: Context, layer: Conv2d) -> str:
     kh, kw = layer.geometry.kernel
     one_hot = np.eye(kh * kw).reshape(kh * kw, 1, kh, kw)
     kernel = b.const(np.tile(one_hot, (c, 1, 1, 1)))  # output channel c·kh·kw + i·kw + j
-    geom = layer.geometry
-    cols = b.node("Conv", [ctx.input_of(layer), kernel], "im2col", group=c, pads=list(geom.pads),
-                  kernel_shape=list(geom.kernel), strides=list(geom.stride),
-                  dilations=list(geom.dilation))
+    cols = b.node("Conv", [ctx.input_of(layer), kernel], "im2col", group=c,
+                  pads=list(layer.geometry.pads), **window_attrs(layer.geometry))
     _, ho, wo = ctx.out_shape(layer)
     return b.reshape(cols, (-1, layer.groups, c // layer.groups * kh * kw, ho * wo))
 
