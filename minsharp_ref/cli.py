@@ -134,8 +134,9 @@ def format_score(result) -> str:
     checked = "not checked" if fid is None else f"{fid:.2g}"
     lines.append(f"forward: {result.provider}; import fidelity {checked} "
                  f"(tolerance {result.fidelity['tolerance']:g})")
+    lines.append(f"loss: {result.loss_kind}")
     if result.postprocessing:
-        lines.append(f"scored the logits before post-processing: {', '.join(result.postprocessing)}")
+        lines.append(f"scored the logits before the head (stripped): {', '.join(result.postprocessing)}")
     headers = ["#", "layer", "kind", "weight", "shape", "Tr H_W", "Tr H_b", "alpha*"]
     rows = [[str(l.index), l.name, l.kind, l.weight, "x".join(map(str, l.weight_shape)),
              _fmt(l.trace_weight), _fmt(l.trace_bias), _fmt(l.alpha)] for l in result.layers]
@@ -150,7 +151,8 @@ def format_score(result) -> str:
     lines.append(f"minimum sharpness    {result.minimum_sharpness:.8g}"
                  + (f"  (± {se:.2g} s.e.)" if se is not None else "") + f"  [{how}]")
     if result.loss is not None:
-        lines.append(f"loss {result.loss:.6g}   accuracy {result.accuracy:.4f}")
+        lines.append(f"loss {result.loss:.6g}   accuracy "
+                     + ("-" if result.accuracy is None else f"{result.accuracy:.4f}"))
     t = result.timings
     lines.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} (summed over the engine "
                  f"workers: forward {t['forward_s']:.3f}, traces {t['engine_s']:.3f})")
@@ -187,6 +189,7 @@ def score(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, for models whose input has dynamic dimensions."),
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests; see docs/exporting.md)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
@@ -205,7 +208,7 @@ def score(
                            memory_budget=parse_bytes(memory_budget), precision=precision,
                            diagonal=diag_path is not None, per_sample=per_sample_path is not None,
                            measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                           progress=progress,
+                           loss=loss, progress=progress,
                            on_start=progress.start)
         if diag_path is not None:
             write_atomically(diag_path, npz_bytes(result.diagonal))
