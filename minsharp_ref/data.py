@@ -251,8 +251,9 @@ def check_labels(dataset: Dataset, outputs: int, loss: str = "cross-entropy") ->
     top = 1 if loss == "binary" else outputs - 1
     bad = np.flatnonzero((y < 0) | (y > top))
     if bad.size:
+        hint = " (pick 0/1 labels with --y-key)" if loss == "binary" else ""
         raise MinsharpError(f"{where} out of range 0..{top} for the {loss} loss: {bad.size} values, "
-                            f"first {int(y[bad[0]])} at sample {int(bad[0])}")
+                            f"first {int(y[bad[0]])} at sample {int(bad[0])}{hint}")
 
 
 def load_batches(path, input_shape: tuple[int, ...], prep: Preprocessing, batch_size: int,

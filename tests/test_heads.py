@@ -194,16 +194,21 @@ def test_binary_and_mse_traces_match_jacobian_and_loss_second_differences(case):
     except KinkError:
         reject()
     # steps of 2^-12 relative to max|θ| but not below 2^-16 (a one-element bias can be tiny);
-    # the rounding error of a second difference is ≲ 4·eps·|L|/h² per entry: 4x that is allowed
+    # the rounding error of a second difference is ≲ 4·eps·s/h² per entry, s the size of the
+    # terms the loss sums (|L| + mean |z|(1 + |y|)): 4x that is allowed
     steps = {p: 2.0 ** -12 / min(1.0, max(np.max(np.abs(oracle.values[p])), 2.0 ** -4))
              for p in built.params}
     for p in built.params:  # the second differences are exact only without a kink in ±h
         if crosses_kink(oracle, x, p, oracle._step(p, steps[p])):
             reject()
-    second = {p: oracle.loss_second_difference_trace(x, y, p, rel_step=steps[p], kind=loss)
+    # Richardson extrapolation of steps h and h/2 cancels the O(h²) truncation error of the
+    # (curved) binary loss; the rounding error grows by (4·4 + 1)/3 < 6
+    second = {p: (4 * oracle.loss_second_difference_trace(x, y, p, rel_step=steps[p] / 2, kind=loss)
+                  - oracle.loss_second_difference_trace(x, y, p, rel_step=steps[p], kind=loss)) / 3
               for p in built.params}
-    rounding = {p: 16 * np.finfo(float).eps * abs(oracle.loss(x, y, kind=loss))
-                * oracle.values[p].size / oracle._step(p, steps[p]) ** 2 for p in built.params}
+    size = abs(oracle.loss(x, y, kind=loss)) + np.mean(np.abs(z)) * (1 + np.mean(np.abs(y)))
+    rounding = {p: 6 * 16 * np.finfo(float).eps * size * oracle.values[p].size
+                / oracle._step(p, steps[p]) ** 2 for p in built.params}
     layers_out, total, _ = score_arrays(built.proto, x, loss=loss)
     got = {}
     for layer in layers_out:
@@ -234,7 +239,7 @@ def test_binary_factor_is_stable_for_confident_logits():
 
 def test_labels_that_do_not_fit_the_loss_are_one_line_errors(tmp_path):
     binary = FIXTURES / "sklearn_mlp_binary.onnx"
-    with pytest.raises(MinsharpError, match=r'labels "y_train" out of range 0..1 for the binary loss'):
+    with pytest.raises(MinsharpError, match=r'labels "y_train" out of range 0..1 for the binary loss.*--y-key'):
         score(binary, MNIST, limit=10, provider="numpy")
     floats = tmp_path / "floats.npz"
     np.savez(floats, x=np.zeros((3, 784), np.float32), y=np.zeros(3))
@@ -276,3 +281,21 @@ def test_cli_loss_override_and_json_loss_kind(tmp_path):
     assert "loss: mse" in r.stdout and "accuracy -" in r.stdout
     doc = json.loads(out_json.read_text())
     assert doc["loss_kind"] == "mse" and doc["accuracy"] is None and doc["loss"] > 0
+
+
+def test_mse_override_with_two_dimensional_targets(tmp_path):
+    """--loss mse on K = 2 raw outputs: targets (N, 2); loss = mean over samples and outputs
+    of (z − y)², written directly; no accuracy; targets of the wrong shape are refused."""
+    built = build((3,), [("gemm", dict(out=4)), ("relu", {}), ("gemm", dict(out=2))], seed=5)
+    path = tmp_path / "reg.onnx"
+    path.write_bytes(built.proto.SerializeToString())
+    x = data(built, 20, 3)
+    y = np.random.default_rng(4).normal(size=(20, 2))
+    np.savez(tmp_path / "d.npz", x=x, y=y, y1=y[:, 0])
+    assert convert(built.proto).loss == "cross-entropy"  # two raw outputs: a classifier by default
+    r = score(path, tmp_path / "d.npz", loss="mse", provider="numpy")
+    z = Oracle(built).logits(x)
+    assert r.loss_kind == "mse" and r.accuracy is None
+    assert r.loss == pytest.approx(np.mean((z - y) ** 2), rel=1e-12)
+    with pytest.raises(MinsharpError, match=r'labels "y1" have shape \(20,\); the regressor \(--loss mse\) has 2 outputs'):
+        score(path, tmp_path / "d.npz", y_key="y1", loss="mse", provider="numpy")
