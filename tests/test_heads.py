@@ -299,3 +299,15 @@ def test_mse_override_with_two_dimensional_targets(tmp_path):
     assert r.loss == pytest.approx(np.mean((z - y) ** 2), rel=1e-12)
     with pytest.raises(MinsharpError, match=r'labels "y1" have shape \(20,\); the regressor \(--loss mse\) has 2 outputs'):
         score(path, tmp_path / "d.npz", y_key="y1", loss="mse", provider="numpy")
+
+
+def test_a_temperature_before_the_heads_softmax_is_refused():
+    """Softmax(z / T): scoring the cross-entropy of z would not be the model's loss."""
+    nodes, inits = two_layer()
+    nodes += [helper.make_node("Div", ["z", "T"], ["zt"], name="temperature"),
+              helper.make_node("Softmax", ["zt"], ["p"], name="sm", axis=1),
+              helper.make_node("ArgMax", ["p"], ["label"], name="am", axis=1)]
+    inits.append(const("T", value=[2.0]))
+    with pytest.raises(MinsharpError, match=r'^node "sm" \(Softmax\) in the head reads the logits "z" '
+                                            r'through other operations'):
+        convert(graph_model(nodes, inits, [out("p"), out("label", TensorProto.INT64, ("N",))]))

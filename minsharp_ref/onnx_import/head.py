@@ -16,7 +16,8 @@ The head also suggests the loss: a Softmax or LogSoftmax on the logits means cro
 a Sigmoid on a single logit means binary cross-entropy (Keras ``Dense(1, "sigmoid")``,
 skl2onnx's two-class MLPClassifier, which builds [1 − p, p] from it with Sub and Concat);
 no activation means cross-entropy for K ≥ 2 outputs (logits exported as they are) and
-mean squared error for a single output (a regressor).
+mean squared error for a single output (a regressor). An activation that reads the logits
+only through other ops (a temperature: Softmax(z/T)) is refused: its loss is not that of z.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CONTINUATION = {"Add", "Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "
                 "Relu", "LeakyRelu", "PRelu"}
 #: Ops through which the head reads the logits unchanged, when looking for its activation.
 TRANSPARENT = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
+ACTIVATIONS = {"Softmax": "softmax", "LogSoftmax": "softmax", "Sigmoid": "sigmoid"}
 LOSS_KINDS = ("cross-entropy", "binary", "mse")
 
 
@@ -106,24 +108,31 @@ def find_head(nodes: list[onnx.NodeProto], data_input: str, graph_outputs: list[
             break
         logits = r.output[0]
     head = downstream([logits])
-    return Head(logits, tuple(head), _activation(logits, readers))
+    activations = _activations(logits, readers)
+    direct = {id(a) for a in activations}
+    behind = {id(n) for n in downstream(o for a in activations for o in a.output if o)}
+    for n in head:  # an activation that sees the logits only after other ops (a temperature)
+        if n.op_type in ACTIVATIONS and id(n) not in direct | behind:
+            raise MinsharpError(f'node "{node_id(n)}" ({n.op_type}) in the head reads the logits '
+                                f'"{logits}" through other operations (e.g. a temperature); the '
+                                "loss would not be that of the model: export the logits")
+    kinds = {ACTIVATIONS[a.op_type] for a in activations}
+    if len(kinds) > 1:
+        raise MinsharpError(f'the logits "{logits}" feed both a Softmax and a Sigmoid: the head '
+                            "does not say which loss applies")
+    return Head(logits, tuple(head), kinds.pop() if kinds else None)
 
 
-def _activation(logits: str, readers) -> Optional[str]:
-    """"softmax" or "sigmoid" when such a node reads the logits (through TRANSPARENT ops)."""
-    found, stack, seen = set(), [logits], set()
+def _activations(logits: str, readers) -> list[onnx.NodeProto]:
+    """The Softmax, LogSoftmax and Sigmoid nodes that read the logits through TRANSPARENT ops."""
+    found, stack, seen = [], [logits], set()
     while stack:
         for r in readers.get(stack.pop(), []):
             if id(r) in seen:
                 continue
             seen.add(id(r))
-            if r.op_type in ("Softmax", "LogSoftmax"):
-                found.add("softmax")
-            elif r.op_type == "Sigmoid":
-                found.add("sigmoid")
+            if r.op_type in ACTIVATIONS:
+                found.append(r)
             elif r.op_type in TRANSPARENT:
                 stack.extend(o for o in r.output if o)
-    if len(found) > 1:
-        raise MinsharpError(f'the logits "{logits}" feed both a Softmax and a Sigmoid: the head '
-                            "does not say which loss applies")
-    return found.pop() if found else None
+    return found
