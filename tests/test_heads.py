@@ -311,3 +311,13 @@ def test_a_temperature_before_the_heads_softmax_is_refused():
     with pytest.raises(MinsharpError, match=r'^node "sm" \(Softmax\) in the head reads the logits "z" '
                                             r'through other operations'):
         convert(graph_model(nodes, inits, [out("p"), out("label", TensorProto.INT64, ("N",))]))
+
+
+def test_a_baseline_scored_with_another_loss_is_not_comparable():
+    from minsharp_ref.gates import mismatches
+
+    doc = score(FIXTURES / "sklearn_mlp_regressor.onnx", MNIST, limit=20, provider="numpy").to_dict()
+    other = json.loads(json.dumps(doc))
+    assert mismatches(doc, other) == []
+    other["loss_kind"] = "cross-entropy"
+    assert mismatches(doc, other) == ["loss differs: baseline cross-entropy, now mse"]
