@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner

@@ -17,7 +17,7 @@ from conftest import FIXTURES, MNIST
 from minsharp_ref import score, score_arrays
 from minsharp_ref.cli import app
 from minsharp_ref.errors import MinsharpError
-from minsharp_ref.onnx_import import convert
+from minsharp_ref.onnx_import import convert, import_model
 from minsharp_ref.runtime import check_fidelity
 
 from oracle import KinkError, Oracle, build, data, trace_for_loss
@@ -254,14 +254,12 @@ def test_labels_that_do_not_fit_the_loss_are_one_line_errors(tmp_path):
 
 def test_binary_loss_and_accuracy_are_computed_from_their_definitions():
     r = score(FIXTURES / "sklearn_mlp_binary.onnx", MNIST, y_key="y_binary_train", limit=200,
-              provider="numpy", per_sample=False)
+              provider="numpy")
     assert r.loss_kind == "binary" and r.accuracy > 0.8
     with np.load(MNIST) as d:
         x = d["x_train"][:200].reshape(200, -1) / 255.0
         y = d["y_binary_train"][:200].astype(np.float64)
-    imp = __import__("minsharp_ref.onnx_import", fromlist=["import_model"]).import_model(
-        FIXTURES / "sklearn_mlp_binary.onnx")
-    z = imp.network.forward(x)[:, 0]
+    z = import_model(FIXTURES / "sklearn_mlp_binary.onnx").network.forward(x)[:, 0]
     p = 1 / (1 + np.exp(-z))
     assert r.loss == pytest.approx(np.mean(-y * np.log(p) - (1 - y) * np.log(1 - p)), rel=1e-10)
     assert r.accuracy == pytest.approx(np.mean((p > 0.5) == (y == 1)))
