@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_score import gemm_rate, mnist, random_mlp  # noqa: E402
 from minsharp_ref.api import DEFAULT_MEMORY_BUDGET, batch_size_for, traces_over  # noqa: E402
-from minsharp_ref.engine import conv_trace_flops, first_param_index  # noqa: E402
+from minsharp_ref.engine import conv_trace_flops, first_param_index, signal_rows  # noqa: E402
 from minsharp_ref.ir import (AvgPool2d, Conv2d, Dense, MaxPool2d, Pad2d, Relu,  # noqa: E402
                              Reshape)
 from minsharp_ref.onnx_import import import_model  # noqa: E402
@@ -40,7 +40,7 @@ from minsharp_ref.onnx_import import import_model  # noqa: E402
 def flop_bound(network) -> float:
     """FLOPs per sample (2 per multiply-add) of forward + back-propagation of K − 1 signals
     + trace contractions (the cheaper form per conv layer)."""
-    k = network.num_classes - 1
+    k = signal_rows(network)
     shapes = network.layer_shapes()
     start = first_param_index(network)
     macs = 0

@@ -29,10 +29,6 @@ from .measure import measure
 INPUT, TRACES, LOGITS, DIAGONAL_PREFIX = "input", "traces", "logits", "diagonal:"
 
 
-def loss_kind(network: Network) -> str:
-    return getattr(network, "loss", "cross-entropy")
-
-
 def check_supported(network: Network) -> None:
     """Refuse, in one line, networks with a layer type or loss without a rule here."""
     start = first_param_index(network)
@@ -44,9 +40,9 @@ def check_supported(network: Network) -> None:
         if missing:
             raise MinsharpError(f"the onnxruntime engine does not support {kind.__name__} "
                                 f"(node {layer.nodes[0] if layer.nodes else '?'}) yet; use --engine numpy")
-    if loss_kind(network) not in LOSS_HEADS:
+    if network.loss not in LOSS_HEADS:
         raise MinsharpError(f"the onnxruntime engine does not support the loss "
-                            f"{loss_kind(network)!r} yet; use --engine numpy")
+                            f"{network.loss!r} yet; use --engine numpy")
 
 
 def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False) -> onnx.ModelProto:
@@ -69,7 +65,7 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
         ctx.values[layer.output_name] = forward(layer, ctx)
     logits = ctx.values[network.layers[-1].output_name]
     k = network.num_classes
-    signals, ctx.signals = LOSS_HEADS[loss_kind(network)](ctx, logits, k)
+    signals, ctx.signals = LOSS_HEADS[network.loss](ctx, logits, k)
 
     at: dict[str, str] = {network.layers[-1].output_name: signals}  # tensor name → signals
     measured = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import conv_trace_flops, first_param_index
+from ..engine import conv_trace_flops, first_param_index, signal_rows
 from ..ir import AvgPool2d, Conv2d, MaxPool2d, Network
 
 
@@ -14,7 +14,7 @@ def graph_bytes_per_sample(network: Network, itemsize: int = 4) -> int:
     largest layer the signals on both sides and the temporaries of its rules (the conv's
     columns Wᵀg and im2col, its trace product or Gram matrices, the pooling columns),
     with a margin of 1.5 for onnxruntime's buffers that are not reused in place."""
-    k = network.num_classes - 1
+    k = signal_rows(network)
     shapes = network.layer_shapes()
     stored = itemsize * sum(int(np.prod(s)) for s in shapes)
     peak = 0
