@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from ..engine import first_param_index, tensor_columns
 from ..errors import MinsharpError
-from ..ir import Network, is_parameterised
+from ..ir import LeakyRelu, MaxPool2d, Network, Relu, is_parameterised
 from .backward import backward
 from .builder import GraphBuilder
 from .context import Context
@@ -72,6 +72,10 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     start = first_param_index(network)
     for i in range(len(network.layers) - 1, start - 1, -1):
         layer = network.layers[i]
+        before = network.layers[i - 1]
+        if (i > start and isinstance(layer, MaxPool2d) and isinstance(before, (Relu, LeakyRelu))
+                and before.output_name == layer.input_name):
+            ctx.fused_activations[before.output_name] = before
         g = at.pop(layer.output_name)
         if is_parameterised(layer):
             measured[id(layer)] = measure(layer, ctx, g, diagonal)

@@ -19,6 +19,9 @@ class Context:
     routes: dict[str, str] = field(default_factory=dict)  # max-pool output → its Indices
     signals: int = 0  # R: signals per sample (rows of the loss-Hessian factor)
     derived: dict[str, str] = field(default_factory=dict)  # effective parameter tensors, made once
+    # activation output → its (Leaky)ReLU layer, when the max pool reading it applies the
+    # activation's factor in its routing mask (``backward``), so the activation's rule does not
+    fused_activations: dict[str, LayerBase] = field(default_factory=dict)
 
     def input_of(self, layer: LayerBase) -> str:
         return self.values[layer.input_name]
