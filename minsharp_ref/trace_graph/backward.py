@@ -98,24 +98,16 @@ def col2im(ctx: Context, cols: str, geom: Geometry, in_shape: tuple[int, ...],
     return _crop(ctx, padded, geom.pads[0], geom.pads[1], h, w)
 
 
-def non_overlapping(geom: Geometry) -> bool:
-    """Windows that tile the input without overlap or padding (stride = kernel)."""
-    return (tuple(geom.stride) == tuple(geom.kernel) and tuple(geom.dilation) == (1, 1)
-            and not any(geom.pads) and not geom.ceil_mode)
-
-
 @backward.register
 def _(layer: MaxPool2d, ctx, g):
     """Route each signal to its window's arg-max (first maximum on ties: MaxPool's Indices,
     flat positions in the padded frame), adding up where overlapping windows share one.
 
     The per-sample routing mask (one-hot arg-max offsets i·kw + j) is formed once and
-    broadcast over the R signals. When the pool's input is a ReLU/LeakyReLU output
-    (``Context.fused_activations``), the activation's factor at the arg-max, which has the
-    sign of the pool's output, is folded into that mask. Windows that tile the input
-    (stride = kernel): one broadcast product lays every signal on its window, zeros
-    padding the rows and columns no window reads; otherwise the masked signals are
-    columns, added back by col2im."""
+    broadcast over the R signals; the masked signals are columns, added back by col2im.
+    When the pool's input is a ReLU/LeakyReLU output (``Context.fused_activations``), the
+    activation's factor at the arg-max, which has the sign of the pool's output, is folded
+    into that mask, and the activation's own rule does nothing."""
     b = ctx.b
     geom = layer.geometry
     c, h, w = ctx.in_shape(layer)
@@ -131,21 +123,14 @@ def _(layer: MaxPool2d, ctx, g):
     j = b.node("Div", [b.node("Sub", [col, col0]), b.ints([geom.dilation[1]])])
     offset = b.node("Add", [b.node("Mul", [i, b.ints([kw])]), j])  # (N, C, Ho, Wo): i·kw + j
     activation = ctx.fused_activations.get(layer.input_name)
-    tiled = non_overlapping(geom)
-    # per-sample shapes: (N, 1, C, Ho, kh, Wo, kw) when tiled, else (N, 1, C, kh·kw, P)
-    window = (c, ho, 1, wo, 1) if tiled else (c, 1, ho * wo)
-    kernel = np.arange(kh * kw).reshape((kh, 1, kw) if tiled else (kh * kw, 1))
-    one_hot = b.node("Equal", [b.reshape(offset, (-1, 1) + window), b.const(kernel, np.int64)])
-    mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)
+    window = (c, 1, ho * wo)  # per sample, broadcast over the R signals and kh·kw offsets
+    one_hot = b.node("Equal", [b.reshape(offset, (-1, 1) + window),
+                               b.const(np.arange(kh * kw).reshape(kh * kw, 1), np.int64)])
+    mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)  # (N, 1, C, kh·kw, P)
     if activation is not None:
         factor = activation_factor(activation, ctx, ctx.values[layer.output_name])
         mask = b.node("Mul", [mask, b.reshape(factor, (-1, 1) + window)], "argmax_mask")
     routed = b.node("Mul", [b.reshape(g, (-1, ctx.signals) + window), mask])
-    if tiled:
-        maps = b.reshape(routed, (-1, ctx.signals, c, ho * kh, wo * kw))
-        if (ho * kh, wo * kw) == (h, w):
-            return maps
-        return b.node("Pad", [maps, b.ints([0] * 8 + [h - ho * kh, w - wo * kw])], "signal")
     cols = b.reshape(routed, (-1, c * kh * kw, ho * wo))
     frame = (hp, wp) != (h, w)
     return _to_signals(ctx, col2im(ctx, cols, geom, (c, h, w), frame=frame), (c, h, w))
