@@ -243,7 +243,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     warnings = [runner.warning] if engine == "onnxruntime" and runner.warning else []
 
     def consume(batch: _Batch):
-        nonlocal fidelity, check, diag_sums, t_forward, t_engine, engine_check
+        nonlocal fidelity, check, diag_sums, t_forward, t_engine, engine_check, checking
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
             raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
@@ -257,10 +257,13 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             except OrtUnavailable as exc:  # only reachable on the numpy path
                 warnings.append(f"import fidelity not checked: {exc}")
             check = False
-        if engine == "onnxruntime" and engine_check is None and np.all(np.isfinite(batch.traces)):
+        if engine == "onnxruntime" and checking is None and np.all(np.isfinite(batch.traces)):
             held.append((batch.x, batch.traces))  # until ENGINE_CHECK_SAMPLES are held
             if sum(len(x) for x, _ in held) >= ENGINE_CHECK_SAMPLES:
-                engine_check = certify(network, *map(np.concatenate, zip(*held)))
+                # on its own thread, beside the batches still to come (docs/method.md, §9)
+                checking = checker.submit(certify, network, *map(np.concatenate, zip(*held)))
+        if checking is not None and checking.done():
+            engine_check = checking.result()  # a failed check stops the run here
         if not np.all(np.isfinite(batch.traces)):
             raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
         if batch.diagonal is not None:
@@ -279,7 +282,9 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         if progress:
             progress(len(batch.x))
 
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+    checking = None  # the engine check's future
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
+            ThreadPoolExecutor(1) as checker:
         pending: deque = deque()
         for x in xs:
             pending.append(pool.submit(job, x))
@@ -287,6 +292,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
                 consume(pending.popleft().result())
         while pending:
             consume(pending.popleft().result())
+        if checking is not None:
+            engine_check = checking.result()
     if sums.n == 0:
         raise MinsharpError("no samples to score")
     if engine == "onnxruntime" and engine_check is None:  # fewer samples than the check takes
