@@ -242,28 +242,37 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     held: list = []  # the first samples and their fast traces, for the engine check
     warnings = [runner.warning] if engine == "onnxruntime" and runner.warning else []
 
+    def collect(wait: bool):
+        """The results of the checks that have finished (with ``wait``, of all of them)."""
+        nonlocal fidelity, engine_check, fidelity_job, checking
+        if fidelity_job is not None and (wait or fidelity_job.done()):
+            fidelity, fidelity_job = fidelity_job.result(), None
+        if checking is not None and (wait or checking.done()):
+            engine_check, checking = checking.result(), None
+
     def consume(batch: _Batch):
-        nonlocal fidelity, check, diag_sums, t_forward, t_engine, engine_check, checking
+        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity_job, fidelity
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
             raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
                                 "overflows on this input")
         if check:
             m = FIDELITY_SAMPLES
-            try:
-                fidelity = check_fidelity(imported.proto, network, batch.x[:m],
-                                          batch.logits[:m] if provider_used != "numpy" and
-                                          engine == "numpy" else None)
-            except OrtUnavailable as exc:  # only reachable on the numpy path
-                warnings.append(f"import fidelity not checked: {exc}")
+            if engine == "onnxruntime":  # the checks run beside the batches (docs/method.md, §9)
+                fidelity_job = checker.submit(check_fidelity, imported.proto, network, batch.x[:m])
+            else:
+                try:
+                    fidelity = check_fidelity(imported.proto, network, batch.x[:m],
+                                              batch.logits[:m] if provider_used != "numpy" else None)
+                except OrtUnavailable as exc:
+                    warnings.append(f"import fidelity not checked: {exc}")
             check = False
-        if engine == "onnxruntime" and checking is None and np.all(np.isfinite(batch.traces)):
+        if (engine == "onnxruntime" and engine_check is None and checking is None
+                and np.all(np.isfinite(batch.traces))):
             held.append((batch.x, batch.traces))  # until ENGINE_CHECK_SAMPLES are held
             if sum(len(x) for x, _ in held) >= ENGINE_CHECK_SAMPLES:
-                # on its own thread, beside the batches still to come (docs/method.md, §9)
                 checking = checker.submit(certify, network, *map(np.concatenate, zip(*held)))
-        if checking is not None and checking.done():
-            engine_check = checking.result()  # a failed check stops the run here
+        collect(wait=False)  # a failed check stops the run as soon as it is known
         if not np.all(np.isfinite(batch.traces)):
             raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
         if batch.diagonal is not None:
@@ -282,7 +291,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         if progress:
             progress(len(batch.x))
 
-    checking = None  # the engine check's future
+    fidelity_job = checking = None  # the onnxruntime engine's checks, on their own thread
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
             ThreadPoolExecutor(1) as checker:
         pending: deque = deque()
@@ -292,8 +301,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
                 consume(pending.popleft().result())
         while pending:
             consume(pending.popleft().result())
-        if checking is not None:
-            engine_check = checking.result()
+        collect(wait=True)
     if sums.n == 0:
         raise MinsharpError("no samples to score")
     if engine == "onnxruntime" and engine_check is None:  # fewer samples than the check takes
