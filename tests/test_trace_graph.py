@@ -157,6 +157,19 @@ def test_hand_picked_oracle_problems(name):
     check_graph_against_oracle(build(shape, layers, seed=3, **kw), n, seed=4)
 
 
+@pytest.mark.parametrize("alpha", [0.1, -0.5])
+@pytest.mark.parametrize("pool", [dict(kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+                                  dict(kernel=(2, 2), strides=(1, 1))])
+def test_activation_folded_into_maxpool_routing(alpha, pool):
+    """A (Leaky)ReLU before a max pool: the pool's routing applies the activation's factor
+    (sign of the pool's output) for slopes ≥ 0; a negative slope (not increasing, so the
+    sign test on the output would be wrong) keeps its own rule. Against the oracle."""
+    layers = [("conv", dict(out=3, pads=(1, 1, 1, 1))), ("leaky", dict(alpha=alpha)),
+              ("maxpool", pool), ("conv", dict(out=2, kernel=(2, 2))), ("relu", {}),
+              ("maxpool", {}), ("flatten", {}), ("gemm", dict(out=4))]
+    check_graph_against_oracle(build((2, 8, 8), layers, seed=6, dtype=np.float32), 6, seed=7)
+
+
 def _drawn(arch, **kw):
     shape, layers, n, seed = arch
     try:

@@ -73,9 +73,10 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     for i in range(len(network.layers) - 1, start - 1, -1):
         layer = network.layers[i]
         before = network.layers[i - 1]
-        if (i > start and isinstance(layer, MaxPool2d) and isinstance(before, (Relu, LeakyRelu))
-                and before.output_name == layer.input_name):
-            ctx.fused_activations[before.output_name] = before
+        if (i > start and isinstance(layer, MaxPool2d) and before.output_name == layer.input_name
+                and (isinstance(before, Relu)
+                     or isinstance(before, LeakyRelu) and np.all(before.slope >= 0))):
+            ctx.fused_activations[before.output_name] = before  # the pool applies its factor
         g = at.pop(layer.output_name)
         if is_parameterised(layer):
             measured[id(layer)] = measure(layer, ctx, g, diagonal)
