@@ -53,6 +53,7 @@ def _fold(node: onnx.NodeProto, ctx: Context, opsets) -> None:
         ctx.consts[node.output[0]] = inputs[0]
         if node.input[0] in ctx.param_source:
             ctx.param_source[node.output[0]] = ctx.param_source[node.input[0]]
+            ctx.copies.add(node.output[0])
         return
     names = [f"in{i}" if n else "" for i, n in enumerate(node.input)]
     outs = [f"out{i}" if n else "" for i, n in enumerate(node.output)]
@@ -190,6 +191,7 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
             raise fail(node, "op type not supported between parameterised layers")
         fn(node, ctx)
     logits = ctx.logits or ctx.live
+    _check_reaches_logits(ctx, logits)
     if not ctx.has_params:
         raise MinsharpError("the network has no parameterised layer (Gemm, MatMul, Conv)")
     if ctx.logits is None and logits not in {ctx.canonical(o.name) for o in graph.output}:
@@ -202,6 +204,18 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     elem = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     return ir.Network(tuple(ctx.layers), inp.name, tuple(per_sample), np.dtype(elem), logits,
                       graph.output[0].name, opset, tuple(ctx.post))
+
+
+def _check_reaches_logits(ctx: Context, logits: str) -> None:
+    """Every layer must lie on a path to the logits (a branch that ends elsewhere, e.g. in
+    a second graph output, is not part of the scored network)."""
+    wanted = {logits}
+    for layer in reversed(ctx.layers):
+        if layer.output_name in wanted:
+            wanted.update(layer.inputs)
+        else:
+            raise MinsharpError(f'node "{layer.nodes[0]}" does not contribute to the logits '
+                                f'"{logits}"')
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
