@@ -14,6 +14,8 @@ from . import __version__
 from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
+from .group import (folded_inputs, folded_view, group_sharpness, log_scale_names,
+                    rescaling_group)
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
 from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, make_forward
@@ -65,6 +67,11 @@ class ScoreResult:
     diagonal: Optional[dict] = field(default=None, repr=False, compare=False)
     #: with ``per_sample=True``: initializer name → (N,) contributions, and "trace"; not in JSON
     per_sample: Optional[dict] = field(default=None, repr=False, compare=False)
+    #: α* = e^{ℓ*} per free class of the rescaling group (docs/method.md section 7)
+    classes: tuple[dict, ...] = ()
+    #: networks with BatchNorm: the folded parametrisation that minimum sharpness is
+    #: computed on (docs/method.md section 8): its layers, naive trace and standard error
+    folded: Optional[dict] = None
 
     def to_dict(self) -> dict:
         doc = {"schema": SCORE_SCHEMA, "minsharp_ref_version": __version__}
@@ -186,7 +193,10 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
     dtype = PRECISIONS[precision]
     signal_network = network if dtype == np.float64 else network.astype(dtype)
+    folded = folded_view(network)  # BatchNorm: also the folded network's traces
+    signal_folded = folded if folded is None or dtype == np.float64 else folded.astype(dtype)
     forward = make_forward(imported.proto, network, provider, threads=1)
+    columns = len(tensor_columns(network))
 
     def job(x: np.ndarray) -> _Batch:
         t0 = time.perf_counter()
@@ -196,9 +206,12 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         t1 = time.perf_counter()
         traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
             if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
+        if folded is not None:  # columns after the original ones
+            traces = np.hstack([traces, per_sample_traces(
+                signal_folded, folded_inputs(network, folded, inputs), logits, dtype)])
         return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
 
-    sums = TraceSums(len(tensor_columns(network)))
+    sums = TraceSums(columns + (0 if folded is None else len(tensor_columns(folded))))
     t_forward = t_engine = 0.0
     fidelity = None
     diag_sums: Optional[dict] = None
@@ -226,7 +239,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
                 {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
         sums.add(batch.traces)
         if per_sample:
-            rows.append(batch.traces)
+            rows.append(batch.traces[:, :columns])
         t_forward += batch.seconds[0]
         t_engine += batch.seconds[1]
         if labels is not None:
@@ -265,47 +278,79 @@ class Summary:
     loss: Optional[float]
     accuracy: Optional[float]
     warnings: list[str]
+    classes: list[dict] = field(default_factory=list)
+    folded: Optional[dict] = None
+
+
+def _layer_results(network: Network, t, u, alpha) -> list[LayerResult]:
+    return [LayerResult(
+        index=i + 1, name=layer.nodes[0], kind=layer.kind, weight=layer.weight_name,
+        bias=layer.bias_name if layer.bias is not None else None,
+        weight_shape=tuple(int(s) for s in layer.weight.shape),
+        trace_weight=float(t[i]), trace_bias=float(u[i]) if layer.bias is not None else None,
+        alpha=None if alpha is None else float(alpha[i]))
+        for i, layer in enumerate(network.param_layers)]
+
+
+def _layer_traces(network: Network, values: np.ndarray):
+    """(t, u): weight and bias trace per parameterised layer from the column means."""
+    d = len(network.param_layers)
+    t, u = np.zeros(d), np.zeros(d)
+    for (layer, which, _), value in zip(tensor_columns(network), values):
+        (t if which == "weight" else u)[layer] = value
+    return t, u
 
 
 def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Summary:
-    """Per-layer results, naive trace and minimum sharpness from the sums."""
+    """Per-layer results, naive trace and minimum sharpness from the sums: over the
+    rescaling group of docs/method.md section 7, on the folded network when there is
+    BatchNorm (section 8; its columns follow the original ones, see ``traces_over``)."""
     network = imported.network
     cols = tensor_columns(network)
     mean = sums.mean
-    d = len(network.param_layers)
-    t, u = np.zeros(d), np.zeros(d)
-    for (layer, which, _), value in zip(cols, mean):
-        (t if which == "weight" else u)[layer] = value
-    ms = minimum_sharpness(t, u)
+    folded = folded_view(network)
+    scored = folded or network
+    offset = 0 if folded is None else len(cols)
+    scored_cols = tensor_columns(scored)
+    t, u = _layer_traces(scored, mean[offset:offset + len(scored_cols)])
+    group = rescaling_group(scored)
+    ms = group_sharpness(group, t, u)
     warnings = []
     for l in ms.dead_layers:
-        warnings.append(f'layer {l + 1} ("{network.param_layers[l].nodes[0]}") has zero weight '
+        warnings.append(f'layer {l + 1} ("{scored.param_layers[l].nodes[0]}") has zero weight '
                         f"trace (a dead layer): minimum sharpness {ms.value:.6g} is an infimum, "
                         "not attained by any rescaling")
     if not ms.converged:
         warnings.append(f"the minimum-sharpness solver stopped after {ms.iterations} steps with "
                         f"relative gradient {ms.gradient_norm:.2g}")
-    alpha = None if ms.alpha is None else np.asarray(ms.alpha)
-    layers = []
-    for i, layer in enumerate(network.param_layers):
-        has_bias = layer.bias is not None
-        layers.append(LayerResult(
-            index=i + 1, name=layer.nodes[0], kind=layer.kind, weight=layer.weight_name,
-            bias=layer.bias_name if has_bias else None,
-            weight_shape=tuple(int(s) for s in layer.weight.shape),
-            trace_weight=float(t[i]), trace_bias=float(u[i]) if has_bias else None,
-            alpha=None if alpha is None else float(alpha[i])))
+    scales = ms.layer_scales(group)
+    alpha = None if scales is None else scales[0]
+    scored_layers = _layer_results(scored, t, u, alpha)
+    if folded is None:
+        layers = scored_layers
+    else:
+        layers = _layer_results(network, *_layer_traces(network, mean[:len(cols)]), None)
     ms_se = None
-    if alpha is not None:  # envelope theorem: ∂MS/∂t_d = 1/α_d², ∂MS/∂u_d = 1/c_d²
-        c = np.cumprod(alpha)
-        grad = np.array([1 / alpha[l] ** 2 if w == "weight" else 1 / c[l] ** 2 for l, w, _ in cols])
+    if scales is not None:  # envelope theorem: ∂MS/∂t_p = 1/α_p², ∂MS/∂u_p = 1/c_p²
+        grad = np.zeros(sums.columns)
+        for j, (l, w, _) in enumerate(scored_cols):
+            grad[offset + j] = 1 / scales[0][l] ** 2 if w == "weight" else 1 / scales[1][l] ** 2
         ms_se = sums.stderr(grad)
     solver = {"method": ms.method, "iterations": ms.iterations, "gradient_norm": ms.gradient_norm,
-              "converged": ms.converged}
+              "converged": ms.converged, "problem": "chain" if group.is_chain else "dag",
+              "free_classes": group.size}
     loss = sums.loss / sums.n if has_labels else None
     acc = sums.correct / sums.n if has_labels else None
-    return Summary(layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se,
-                   solver, loss, acc, warnings)
+    original = np.zeros(sums.columns)
+    original[:len(cols)] = 1.0
+    folded_doc = None
+    if folded is not None:
+        weights = np.zeros(sums.columns)
+        weights[offset:] = 1.0
+        folded_doc = {"layers": scored_layers, "trace": float(mean[offset:].sum()),
+                      "trace_stderr": sums.stderr(weights)}
+    return Summary(layers, float(mean[:len(cols)].sum()), sums.stderr(original), ms.value,
+                   ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc)
 
 
 def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
@@ -355,6 +400,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         model, None if input_shape is None else tuple(input_shape))
     t_import = time.perf_counter() - start
     network = imported.network
+    if measures and (not network.is_chain or network.has_batchnorm):
+        raise MinsharpError("--measures supports chain networks without BatchNorm only")
     dataset = open_dataset(data, split, x_key, y_key, limit)
     try:
         check_finite(dataset)
@@ -390,7 +437,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        diagonal=run.diagonal, per_sample=per_sample_dict)
+        diagonal=run.diagonal, per_sample=per_sample_dict, classes=tuple(summary.classes),
+        folded=summary.folded)
     return result
 
 

@@ -137,18 +137,40 @@ def format_score(result) -> str:
     if result.postprocessing:
         lines.append(f"scored the logits before post-processing: {', '.join(result.postprocessing)}")
     headers = ["#", "layer", "kind", "weight", "shape", "Tr H_W", "Tr H_b", "alpha*"]
-    rows = [[str(l.index), l.name, l.kind, l.weight, "x".join(map(str, l.weight_shape)),
-             _fmt(l.trace_weight), _fmt(l.trace_bias), _fmt(l.alpha)] for l in result.layers]
+
+    def table(layers) -> list[str]:
+        rows = [[str(l.index), l.name, l.kind, l.weight, "x".join(map(str, l.weight_shape)),
+                 _fmt(l.trace_weight), _fmt(l.trace_bias), _fmt(l.alpha)] for l in layers]
+        return format_table([headers] + rows, right={0, 5, 6, 7})
+
+    folded = result.folded
     lines.append("")
-    lines.extend(format_table([headers] + rows, right={0, 5, 6, 7}))
+    if folded is not None:
+        lines.append("original parametrisation (BatchNorm: Tr H_W is the trace of gamma, "
+                     "Tr H_b of beta):")
+    lines.extend(table(result.layers))
     lines.append("")
     lines.append(f"naive trace Tr H     {result.trace:.8g}  (± {result.trace_stderr:.2g} s.e. over samples)")
+    if folded is not None:
+        lines.append("")
+        lines.append("folded parametrisation (each BatchNorm folded into the layer before it; "
+                     "minimum sharpness is defined on it):")
+        lines.extend(table(folded["layers"]))
+        lines.append("")
+        lines.append(f"folded naive trace   {folded['trace']:.8g}  (± {folded['trace_stderr']:.2g} s.e.)")
     se = result.minimum_sharpness_stderr
     solver = result.solver
     how = {"closed-form": "closed form (no biases)", "dead-layer": "dead layer",
            "newton": f"Newton, {solver['iterations']} steps, gradient {solver['gradient_norm']:.1e}"}[solver["method"]]
     lines.append(f"minimum sharpness    {result.minimum_sharpness:.8g}"
                  + (f"  (± {se:.2g} s.e.)" if se is not None else "") + f"  [{how}]")
+    if solver.get("problem") == "dag" and result.classes:
+        lines.append(f"alpha* per free class ({len(result.classes)} classes of tied tensors, "
+                     "each named by its first tensor):")
+        lines.extend("  " + line for line in format_table(
+            [["class", "tensor", "tensors", "alpha*"]]
+            + [[str(i + 1), c["tensor"], str(c["tensors"]), _fmt(c["alpha"])]
+               for i, c in enumerate(result.classes)], right={0, 2, 3}))
     if result.loss is not None:
         lines.append(f"loss {result.loss:.6g}   accuracy {result.accuracy:.4f}")
     t = result.timings
