@@ -287,7 +287,8 @@ def rescale(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
 ):
-    """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons).
+    """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons;
+    networks with branches or BatchNorm: --random over the group of docs/method.md section 7).
 
     Both models run in onnxruntime on the same batch; nothing is written unless their logits
     agree to float32 tolerance."""
@@ -296,8 +297,12 @@ def rescale(
         import numpy as np
 
         from .onnx_import import import_model
-        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, logits_agree,
-                              neuron_parameters, random_alpha)
+        import math
+
+        from .group import rescaling_group
+        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, group_parameters,
+                              logits_agree, neuron_parameters, random_alpha, random_log_scales,
+                              uses_group)
         from .runtime import FIDELITY_RTOL, OrtForward
 
         imported = import_model(model, _ints(input_shape, "--input-shape"))
@@ -309,7 +314,16 @@ def rescale(
             raise MinsharpError("give exactly one of --alpha, --random or --neurons")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        if neurons:
+        if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
+            if not random:
+                raise MinsharpError("this network has branches or BatchNorm: only --random "
+                                    "applies (one random scale per class of tied tensors)")
+            group = rescaling_group(network)
+            ell = random_log_scales(group, rng, spread)
+            params = group_parameters(network, ell, group)
+            what = "scale per class " + ", ".join(
+                f"{name}={math.exp(v):.6g}" for name, v in zip(group.names, ell))
+        elif neurons:
             params = neuron_parameters(network, rng, spread)
             what = f"neuron-wise rescaling, γ log-uniform over {spread:g} decades (seed {seed})"
         else:

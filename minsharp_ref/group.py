@@ -138,7 +138,7 @@ def _exponents(group: Group, t: np.ndarray, u: np.ndarray):
                 a[i] += 2.0
             rows.append(a[:m])
             coefs.append(value)
-    return np.array(rows).reshape(-1, m), np.array(coefs)
+    return np.array(rows, dtype=np.float64).reshape(len(rows), m), np.array(coefs)
 
 
 def _objective(rows, coefs, ell):
@@ -173,18 +173,19 @@ def _newton(rows, coefs, ell):
     return ell, float(np.linalg.norm(grad) / f), MAX_ITERATIONS, False
 
 
-def group_sharpness(group: Group, t, u) -> GroupSharpness:
+def group_sharpness(group: Group, t, u, chain_formula: bool = True) -> GroupSharpness:
     """inf_ℓ Σ_p t_p e^{−2(ℓ_out − ℓ_in)} + u_p e^{−2 ℓ_out} (docs/method.md section 7).
 
     A chain is handed to ``sharpness.minimum_sharpness`` (the same numbers as before, the
     closed form without biases), with ℓ_d = log c_d. Otherwise damped Newton from ℓ = 0. A
     layer with t_p = 0 (dead) makes the infimum unattained in general: reported as
-    "dead-layer" with the infimum the iteration converges to and no ℓ*."""
+    "dead-layer" with the infimum the iteration converges to and no ℓ*. ``chain_formula=False``
+    solves a chain by the general iteration too (for tests)."""
     t = np.asarray(t, dtype=np.float64)
     u = np.nan_to_num(np.asarray(u, dtype=np.float64))
     if np.any(~np.isfinite(t)) or np.any(t < 0) or np.any(u < 0) or np.any(~np.isfinite(u)):
         raise ValueError("traces must be finite and non-negative")
-    if group.is_chain:
+    if group.is_chain and chain_formula:
         ms = minimum_sharpness(t, u)
         ell = None if ms.alpha is None else tuple(np.cumsum(np.log(ms.alpha))[:-1].tolist())
         return GroupSharpness(ms.value, ell, ms.method, ms.gradient_norm, ms.iterations,

@@ -283,6 +283,7 @@ class BatchNorm(LayerBase):
     bias_name: Optional[str] = None
     bias: Optional[np.ndarray] = None
     mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    mean_name: str = ""  # the running mean's initializer (rescaled by docs/method.md section 8)
     var: np.ndarray = field(default_factory=lambda: np.ones(0))
     epsilon: float = 1e-5
 
@@ -454,7 +455,8 @@ class Network:
         return replace(self, layers=tuple(cast(l) for l in self.layers))
 
     def with_parameters(self, params: dict[str, np.ndarray]) -> "Network":
-        """Copy with some initializers replaced (keys: ONNX initializer names)."""
+        """Copy with some initializers replaced (keys: ONNX initializer names; for BatchNorm
+        also the running mean)."""
         layers = []
         for layer in self.layers:
             if is_parameterised(layer):
@@ -463,6 +465,8 @@ class Network:
                     changes["weight"] = params[layer.weight_name]
                 if layer.bias_name is not None and layer.bias_name in params:
                     changes["bias"] = params[layer.bias_name]
+                if isinstance(layer, BatchNorm) and layer.mean_name in params:
+                    changes["mean"] = params[layer.mean_name].reshape(-1)
                 layer = replace(layer, **changes)
             layers.append(layer)
         return replace(self, layers=tuple(layers))

@@ -42,4 +42,4 @@ def _batchnorm(node, ctx):
         raise fail(node, "variance + epsilon is not positive")
     emit(ctx, node, ir.BatchNorm, x, weight_name=gamma[0], weight=gamma[1].reshape(-1),
          bias_name=beta[0], bias=beta[1].reshape(-1), mean=mean.astype(np.float64).reshape(-1),
-         var=var, epsilon=epsilon)
+         mean_name=node.input[3], var=var, epsilon=epsilon)
