@@ -67,10 +67,10 @@ class ScoreResult:
     diagonal: Optional[dict] = field(default=None, repr=False, compare=False)
     #: with ``per_sample=True``: initializer name → (N,) contributions, and "trace"; not in JSON
     per_sample: Optional[dict] = field(default=None, repr=False, compare=False)
-    #: α* = e^{ℓ*} per free class of the rescaling group (docs/method.md section 7)
+    #: α* = e^{ℓ*} per free class of the rescaling group (docs/method.md section 9)
     classes: tuple[dict, ...] = ()
     #: networks with BatchNorm: the folded parametrisation that minimum sharpness is
-    #: computed on (docs/method.md section 8): its layers, naive trace and standard error
+    #: computed on (docs/method.md section 10): its layers, naive trace and standard error
     folded: Optional[dict] = None
 
     def to_dict(self) -> dict:
@@ -303,8 +303,8 @@ def _layer_traces(network: Network, values: np.ndarray):
 
 def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Summary:
     """Per-layer results, naive trace and minimum sharpness from the sums: over the
-    rescaling group of docs/method.md section 7, on the folded network when there is
-    BatchNorm (section 8; its columns follow the original ones, see ``traces_over``)."""
+    rescaling group of docs/method.md section 9, on the folded network when there is
+    BatchNorm (section 10; its columns follow the original ones, see ``traces_over``)."""
     network = imported.network
     cols = tensor_columns(network)
     mean = sums.mean

@@ -288,7 +288,7 @@ def rescale(
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons;
-    networks with branches or BatchNorm: --random over the group of docs/method.md section 7).
+    networks with branches or BatchNorm: --random over the group of docs/method.md section 9).
 
     Both models run in onnxruntime on the same batch; nothing is written unless their logits
     agree to float32 tolerance."""

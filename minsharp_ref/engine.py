@@ -14,7 +14,7 @@ fixed. Two kinds of rule keep apart how signals travel and what is measured (as 
 * ``backprop(layer, g, a)`` moves signals g (N, R, *out_shape) from a layer's output to its
   input (a is the layer's input, needed for masks and arg-max routing); the layers that join
   branches (``Add``, ``Concat``) return one signal per input, and a tensor read by several
-  layers receives the sum of their signals (docs/method.md section 7);
+  layers receives the sum of their signals (docs/method.md section 9);
 * ``measure(layer, g, a)`` (and ``measure_diagonal``) turn the signals at a parameterised
   layer's output into the per-sample traces (the diagonal) of its weight and bias.
 
@@ -137,7 +137,7 @@ def _(layer: Dense, g, a):
 
 @backprop.register
 def _(layer: BatchNorm, g, a):
-    """BatchNorm (inference): multiply channel c by γ_c s_c (docs/method.md section 8)."""
+    """BatchNorm (inference): multiply channel c by γ_c s_c (docs/method.md section 10)."""
     return g * layer.multiplier.reshape((1, 1, -1) + (1,) * (g.ndim - 3)).astype(g.dtype, copy=False)
 
 
@@ -249,7 +249,7 @@ def _channel_sums(layer: BatchNorm, g, a):
 @measure.register
 def _(layer: BatchNorm, g, a):
     """Tr_n(γ) = Σ_k Σ_c (Σ_positions g_k x̂)², Tr_n(β) = Σ_k Σ_c (Σ_positions g_k)²
-    (docs/method.md section 8: ∂/∂γ_c = Σ_positions g x̂, ∂/∂β_c = Σ_positions g)."""
+    (docs/method.md section 10: ∂/∂γ_c = Σ_positions g x̂, ∂/∂β_c = Σ_positions g)."""
     dg, db = _channel_sums(layer, g, a)
     t_b = None if layer.bias is None else np.einsum("nkc,nkc->n", db, db)
     return np.einsum("nkc,nkc->n", dg, dg), t_b
@@ -373,7 +373,7 @@ def signal_tensors(network: Network) -> set[str]:
 
 
 def _dag_signals(network: Network, inputs, logits: np.ndarray, dtype):
-    """``signals_at_parameters`` for a DAG (docs/method.md section 7): layers are visited in
+    """``signals_at_parameters`` for a DAG (docs/method.md section 9): layers are visited in
     reverse topological order; each tensor's signal is complete (the sum over its readers)
     before its producer is visited."""
     shapes = network.tensor_shapes()

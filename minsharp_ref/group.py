@@ -1,4 +1,4 @@
-"""The rescaling group of a DAG and minimum sharpness over it (docs/method.md sections 7, 8).
+"""The rescaling group of a DAG and minimum sharpness over it (docs/method.md sections 9, 10).
 
 Every tensor v carries a log-scale ℓ_v; ℓ = 0 on the network input and on the logits. The
 fixed positively homogeneous layers (ReLU, pooling, Pad, Reshape, Transpose) and the layers
@@ -14,7 +14,7 @@ a sum of exponentials of linear functions of ℓ: convex, minimised by damped Ne
 A chain is the special case ℓ_d = log c_d (docs/method.md section 3), solved by
 ``sharpness.minimum_sharpness`` (closed form without biases).
 
-BatchNorm (section 8): minimum sharpness is defined on the folded network (``folded_view``).
+BatchNorm (section 10): minimum sharpness is defined on the folded network (``folded_view``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Group:
 
 
 def rescaling_group(network: Network) -> Group:
-    """Union-find over the tensors (docs/method.md section 7)."""
+    """Union-find over the tensors (docs/method.md section 9)."""
     parent: dict[str, str] = {}
 
     def find(v: str) -> str:
@@ -174,7 +174,7 @@ def _newton(rows, coefs, ell):
 
 
 def group_sharpness(group: Group, t, u, chain_formula: bool = True) -> GroupSharpness:
-    """inf_ℓ Σ_p t_p e^{−2(ℓ_out − ℓ_in)} + u_p e^{−2 ℓ_out} (docs/method.md section 7).
+    """inf_ℓ Σ_p t_p e^{−2(ℓ_out − ℓ_in)} + u_p e^{−2 ℓ_out} (docs/method.md section 9).
 
     A chain is handed to ``sharpness.minimum_sharpness`` (the same numbers as before, the
     closed form without biases), with ℓ_d = log c_d. Otherwise damped Newton from ℓ = 0. A
@@ -206,7 +206,7 @@ def group_sharpness(group: Group, t, u, chain_formula: bool = True) -> GroupShar
 
 
 def _fold_into(layer, bn: BatchNorm):
-    """W' = diag(γ s) W, b' = γ s (b − μ) + β (docs/method.md section 8), in the layer's
+    """W' = diag(γ s) W, b' = γ s (b − μ) + β (docs/method.md section 10), in the layer's
     stored layout (Gemm's alpha/beta absorbed)."""
     m = bn.multiplier
     if isinstance(layer, Conv2d):

@@ -90,7 +90,7 @@ def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) ->
 
 def group_rescaled_model(imported: ImportedModel, scales: np.ndarray,
                          provider: str) -> ImportedModel:
-    """The model with the group of docs/method.md section 7 applied, e^ℓ = ``scales`` per
+    """The model with the group of docs/method.md section 9 applied, e^ℓ = ``scales`` per
     free class (BatchNorm rescaled exactly, see ``rescale.group_parameters``)."""
     params = group_parameters(imported.network, np.log(scales))
     proto = imported.proto if provider == "numpy" else apply_to_proto(imported.proto, params)

@@ -1,6 +1,6 @@
 """Typed layer IR: the network as layers in topological order, each with its float64 NumPy
 forward. A chain is the common case; ``Add`` and ``Concat`` join branches (a DAG, docs/method.md
-section 7), and every layer names the tensors it reads, so fan-out needs nothing special.
+section 9), and every layer names the tensors it reads, so fan-out needs nothing special.
 
 Every layer remembers the ONNX tensors it reads and writes (``input_name``/``output_name``;
 ``inputs`` for all of them)
@@ -271,7 +271,7 @@ class Conv2d(LayerBase):
 
 @dataclass(frozen=True)
 class BatchNorm(LayerBase):
-    """Inference-mode BatchNormalization (docs/method.md section 8): per channel c (axis 0 of
+    """Inference-mode BatchNormalization (docs/method.md section 10): per channel c (axis 0 of
     the per-sample shape), y = γ_c x̂ + β_c with x̂ = s_c (x − μ_c), s_c = 1/√(σ²_c + ε).
 
     μ, σ² and ε are constants of the exported model; γ (``weight``) and β (``bias``) are the
@@ -283,7 +283,7 @@ class BatchNorm(LayerBase):
     bias_name: Optional[str] = None
     bias: Optional[np.ndarray] = None
     mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    mean_name: str = ""  # the running mean's initializer (rescaled by docs/method.md section 8)
+    mean_name: str = ""  # the running mean's initializer (rescaled by docs/method.md section 10)
     var: np.ndarray = field(default_factory=lambda: np.ones(0))
     epsilon: float = 1e-5
 
@@ -321,7 +321,7 @@ class BatchNorm(LayerBase):
 
 @dataclass(frozen=True)
 class Add(LayerBase):
-    """Sum of two or more branches of the same shape (docs/method.md section 7); back-
+    """Sum of two or more branches of the same shape (docs/method.md section 9); back-
     propagation passes the signal unchanged to every input."""
 
     other_inputs: tuple[str, ...] = ()

@@ -62,7 +62,7 @@ def alpha_parameters(network: Network, alpha: np.ndarray) -> dict[str, np.ndarra
 
 
 def uses_group(network: Network) -> bool:
-    """DAG or BatchNorm networks rescale with the group of docs/method.md section 7 (one ℓ
+    """DAG or BatchNorm networks rescale with the group of docs/method.md section 9 (one ℓ
     per class of tied tensors) instead of one α per layer."""
     return not network.is_chain or network.has_batchnorm
 
@@ -74,9 +74,9 @@ def random_log_scales(group: Group, rng: np.random.Generator, spread: float) -> 
 
 def group_parameters(network: Network, ell: np.ndarray,
                      group: Optional[Group] = None) -> dict[str, np.ndarray]:
-    """docs/method.md section 7 on the stored initializers: for a layer from tensor ``in`` to
+    """docs/method.md section 9 on the stored initializers: for a layer from tensor ``in`` to
     ``out``, W → e^{ℓ_out − ℓ_in} W and b → e^{ℓ_out} b. A BatchNorm is rescaled exactly,
-    keeping its node (section 8): γ → e^{ℓ_out − ℓ_in} γ, β → e^{ℓ_out} β, μ → e^{ℓ_in} μ
+    keeping its node (section 10): γ → e^{ℓ_out − ℓ_in} γ, β → e^{ℓ_out} β, μ → e^{ℓ_in} μ
     with σ² and ε unchanged, since γ s (e^{ℓ_in} x − e^{ℓ_in} μ) e^{ℓ_out − ℓ_in} + e^{ℓ_out} β
     = e^{ℓ_out} (γ s (x − μ) + β); its folded network then transforms by the same group."""
     group = group or rescaling_group(network)

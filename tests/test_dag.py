@@ -1,4 +1,4 @@
-"""Residual / DenseNet-style networks and BatchNorm (docs/method.md sections 7 and 8).
+"""Residual / DenseNet-style networks and BatchNorm (docs/method.md sections 9 and 10).
 
 Oracles: finite-difference Jacobians of onnx's ReferenceEvaluator (tests/oracle.py) on
 hypothesis-drawn small DAGs with random Add/Concat wiring and BatchNorm with random running

@@ -30,7 +30,7 @@ NOT_HOMOGENEOUS = {
     "Softmax", "LogSoftmax", "Hardmax", "Sin", "Cos", "Abs", "Neg", "Sign", "Floor", "Ceil",
     "Round", "LpNormalization", "LRN", "Swish",
 }
-NORMALISATION = {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
+NORMALISATION = {"InstanceNormalization", "LayerNormalization",
                  "GroupNormalization", "RMSNormalization"}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 

@@ -182,12 +182,11 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
                 raise fail(node, "not positively homogeneous, minimum sharpness is not defined "
                                   "for this network")
             if node.op_type in NORMALISATION:
-                raise fail(node, "folding a normalisation layer into the preceding layer changes "
-                                  "the parameterisation, so minsharp-ref will not do it silently; "
-                                  "fold it before export if that is what you want")
-            if node.op_type in ("Concat", "Sum", "Max", "Min", "Mean", "Where", "Split"):
-                raise fail(node, "combines or splits computed tensors (branches); only chain "
-                                  "networks are supported")
+                raise fail(node, "normalises with the sample's own statistics: not positively "
+                                  "homogeneous (only inference-mode BatchNormalization is supported)")
+            if node.op_type in ("Max", "Min", "Mean", "Where", "Split"):
+                raise fail(node, "combines or splits computed tensors; only Add, Sum and Concat "
+                                  "may join branches")
             raise fail(node, "op type not supported between parameterised layers")
         fn(node, ctx)
     logits = ctx.logits or ctx.live

@@ -1,4 +1,4 @@
-"""Converters for the ops that join branches (docs/method.md section 7): Add and Sum of
+"""Converters for the ops that join branches (docs/method.md section 9): Add and Sum of
 computed tensors (residual connections), Concat along channels (DenseNet-style)."""
 
 from __future__ import annotations

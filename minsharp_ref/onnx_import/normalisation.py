@@ -1,4 +1,4 @@
-"""Converter for BatchNormalization in inference mode (docs/method.md section 8)."""
+"""Converter for BatchNormalization in inference mode (docs/method.md section 10)."""
 
 from __future__ import annotations
 
