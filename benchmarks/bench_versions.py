@@ -55,8 +55,8 @@ def main(argv=None) -> int:
         path = ROOT / "fixtures" / MODELS[model]
         best = {}
         means = {}
-        for _ in range(args.rounds):
-            for name, (api, imp) in versions.items():
+        for r in range(args.rounds):
+            for name, (api, imp) in list(versions.items())[::(-1) ** r]:  # alternate the order
                 imported = imp.import_model(path)
                 bs = api.batch_size_for(imported.network, api.DEFAULT_MEMORY_BUDGET, None)
                 batches = [x[i:i + bs] for i in range(0, len(x), bs)]
