@@ -71,7 +71,7 @@ def ours(built: oracle.Built, x: np.ndarray):
     return imported, run, dict(zip(names, run.sums.mean[:len(names)]))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2 ** 16), wiring=wirings, bn_stem=st.booleans())
 def test_dag_traces_match_finite_differences(seed, wiring, bn_stem):
     """Every W, b, γ and β trace of a drawn DAG equals the finite-difference oracle's."""
@@ -84,7 +84,7 @@ def test_dag_traces_match_finite_differences(seed, wiring, bn_stem):
         assert got[name] == pytest.approx(want[name], rel=RTOL, abs=1e-12 * max(want.values())), name
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2 ** 16), wiring=wirings, bn_stem=st.booleans(),
        spread=st.floats(0.5, 3.0))
 def test_minimum_sharpness_invariant_under_the_group(seed, wiring, bn_stem, spread):
