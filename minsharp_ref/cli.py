@@ -120,6 +120,7 @@ def score(
     gate: Optional[str] = typer.Option(None, "--gate", help="More gated quantities against the baseline, e.g. trace,loss:2%,accuracy:0.01 (accuracy gates a decrease; no threshold: --max-increase's)."),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Count only worsenings beyond K standard errors of the difference."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests; see docs/exporting.md)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
@@ -150,7 +151,7 @@ def score(
                                memory_budget=parse_bytes(memory_budget), precision=precision,
                                diagonal=diag_path is not None, per_sample=per_sample_path is not None,
                                measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                               progress=progress, on_start=on_start)
+                               loss=loss, progress=progress, on_start=on_start)
         doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
                                      sigma, max_sharpness))
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"

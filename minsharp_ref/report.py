@@ -201,8 +201,9 @@ def score_blocks(doc: dict) -> list[Block]:
     checked = "not checked" if fid is None else f"{fid:.2g}"
     blocks.append(f"forward: {doc.get('provider')}; import fidelity {checked} "
                   f"(tolerance {fidelity.get('tolerance', math.nan):g})")
+    blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
     if doc.get("postprocessing"):
-        blocks.append(f"scored the logits before post-processing: {', '.join(doc['postprocessing'])}")
+        blocks.append(f"scored the logits before the head (stripped): {', '.join(doc['postprocessing'])}")
     folded = doc.get("folded")
     blocks.append("")
     if folded:  # BatchNorm: both parametrisations, labelled (docs/method.md section 10)
@@ -224,7 +225,7 @@ def score_blocks(doc: dict) -> list[Block]:
         blocks += [f"alpha* per free class ({len(doc['classes'])} classes of tied tensors, each "
                    "named by its first tensor):", class_table(doc["classes"])]
     if doc.get("loss") is not None:
-        blocks.append(f"loss {doc['loss']:.6g}   accuracy {doc['accuracy']:.4f}")
+        blocks.append(f"loss {doc['loss']:.6g}   accuracy {fmt_quantity('accuracy', doc['accuracy'])}")
     t = doc.get("timings") or {}
     if "total_s" in t:
         blocks.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} (summed over the "
@@ -293,7 +294,7 @@ def score_markdown(doc: dict) -> str:
     values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(ms_se)}",
               "trace": f"{doc['trace']:.6g} ± {_stderr(trace_se)}"}
     if doc.get("loss") is not None:
-        values.update(loss=f"{doc['loss']:.6g}", accuracy=f"{doc['accuracy']:.4f}")
+        values.update(loss=f"{doc['loss']:.6g}", accuracy=fmt_quantity("accuracy", doc["accuracy"]))
     labels = {q: label for q, (label, _) in QUANTITIES.items()}
     base = doc.get("baseline")
     if base:

@@ -4,14 +4,14 @@ One converter per ONNX op type, registered in ``CONVERTERS``; nodes whose inputs
 constants are folded (shape arithmetic such as Shape → Gather → Unsqueeze → Concat, the
 batch dimension carried as a symbolic marker) with onnx's reference evaluator. The data path
 runs from the single graph input to the logits: a chain, or a DAG whose branches join in Add,
-Sum or Concat; a trailing Softmax, LogSoftmax,
-ArgMax, Cast or ZipMap is post-processing and is stripped. Anything else is refused with
-one line that names the node, its op type and the reason.
+Sum or Concat; whatever depends on the logits is the head (found structurally, ``head.py``),
+stripped and reported, and it suggests the loss. Anything else is refused with one line that
+names the node, its op type and the reason.
 
 Layout: ``context.py`` (conversion state, the converter registry and shared checks), one
 module per op family (``dense``, ``spatial``, ``activation``, ``shape``, ``elementwise``,
-``merge``, ``normalisation``),
-``graph.py`` (the driver) and ``reader.py`` (safe file reading).
+``merge``, ``normalisation``), ``head.py`` (the head), ``graph.py`` (the driver) and
+``reader.py`` (safe file reading).
 """
 
 from . import (activation, dense, elementwise, merge, normalisation, shape,  # noqa: F401

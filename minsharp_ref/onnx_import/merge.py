@@ -9,8 +9,6 @@ from .context import converter, emit, fail
 
 def _branches(node, ctx) -> list[str]:
     """Canonical names of the node's inputs, all of which must be computed tensors."""
-    if ctx.logits is not None:
-        raise fail(node, "follows post-processing of the logits")
     names = [ctx.canonical(n) for n in node.input if n]
     if len(names) < 2 or not all(ctx.is_data(n) for n in names):
         raise fail(node, "joins a computed tensor with a constant that is not a bias: not "
