@@ -408,7 +408,7 @@ def _dag_signals(network: Network, inputs, logits: np.ndarray, dtype):
     shapes = network.tensor_shapes()
     n = logits.shape[0]
     needs = signal_tensors(network)
-    pending = {network.logits_name: loss_hessian_sqrt(softmax(logits.astype(np.float64)))
+    pending = {network.logits_name: loss_hessian_factor(logits, network.loss)
                .astype(dtype, copy=False)}
     d = len(network.param_layers)
     for i in range(len(network.layers) - 1, -1, -1):
