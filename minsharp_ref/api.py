@@ -19,7 +19,6 @@ from .group import (folded_inputs, folded_view, group_sharpness, log_scale_names
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
 from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, make_forward
-from .sharpness import minimum_sharpness
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
 DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes

@@ -259,11 +259,6 @@ def folded_inputs(network: Network, folded: Network, inputs: list) -> list:
     return [values.get(l.input_name) for l in folded.layers]
 
 
-def scored_network(network: Network) -> Network:
-    """The network whose traces minimum sharpness is computed from: folded when it has BN."""
-    return folded_view(network) or network
-
-
 def log_scale_names(group: Group, ms: GroupSharpness) -> list[dict]:
     """α* = e^{ℓ*} per free class, each named by a tensor in it."""
     return [{"tensor": name, "tensors": len(members),

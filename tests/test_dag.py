@@ -9,7 +9,6 @@ minimisation over ℓ; function-preserving rescalings checked in the reference e
 import json
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +18,7 @@ from conftest import FIXTURES, MNIST
 from minsharp_ref.api import summarise, traces_over
 from minsharp_ref.engine import tensor_columns
 from minsharp_ref.errors import MinsharpError
-from minsharp_ref.group import (Group, folded_view, group_sharpness, rescaling_group)
+from minsharp_ref.group import Group, folded_view, group_sharpness, rescaling_group
 from minsharp_ref.onnx_import import ImportedModel, convert, import_model
 from minsharp_ref.rescale import apply_to_proto, group_parameters
 from minsharp_ref.sharpness import minimum_sharpness

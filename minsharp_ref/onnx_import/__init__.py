@@ -14,8 +14,7 @@ module per op family (``dense``, ``spatial``, ``activation``, ``shape``, ``eleme
 ``reader.py`` (safe file reading).
 """
 
-from . import (activation, dense, elementwise, merge, normalisation, shape,  # noqa: F401
-               spatial)  # (registers the converters)
+from . import activation, dense, elementwise, merge, normalisation, shape, spatial  # noqa: F401
 from .context import CONVERTERS, ImportedModel
 from .graph import convert
 from .reader import import_model
