@@ -247,3 +247,21 @@ def test_batchnorm_training_mode_is_refused_with_the_export_hint():
     with pytest.raises(MinsharpError, match=r'"bn".*training-only outputs'):
         convert(_bn_model(extra_outputs=True))
     assert len(convert(_bn_model()).param_layers) == 3
+
+
+def test_diagonal_and_per_sample_cover_every_tensor_of_a_bn_resnet():
+    """--diag and --per-sample as for chains: one entry per W, b, γ, β tensor, the diagonal
+    sums and the per-sample means are the traces (1e-12)."""
+    from minsharp_ref.api import score
+
+    result = score(FIXTURES / "resnet_bn_dynamo.onnx", MNIST, mean=[0.5], std=[0.5], limit=12,
+                   provider="numpy", diagonal=True, per_sample=True)
+    traces = {}
+    for l in result.layers:
+        traces[l.weight] = l.trace_weight
+        if l.bias is not None:
+            traces[l.bias] = l.trace_bias
+    assert set(result.diagonal) == set(traces) and len(traces) == 26
+    for name, value in traces.items():
+        assert result.diagonal[name].sum() == pytest.approx(value, rel=1e-12)
+        assert result.per_sample[name].mean() == pytest.approx(value, rel=1e-12)
