@@ -98,7 +98,7 @@ def test_diagonals_match_torch_func(stem):
 
 @pytest.mark.parametrize("stem", ["mlp_torchscript", "mlp_nobias", "mlp_softmax_leaky",
                                   "smallcnn_torchscript", "cnn_avgpool_strided",
-                                  "resnet_torchscript", "resnet_bn_dynamo"])
+                                  "resnet_torchscript", "resnet_bn_torchscript"])
 def test_diagonal_entries_by_double_backprop(stem):
     """A second, independent autodiff method: H e_i by differentiating the loss gradient."""
     x, y, run, _, _, diag, graph = computed(stem)
