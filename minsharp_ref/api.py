@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import __version__
-from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
+from .data import Preprocessing, open_dataset
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
 from .ir import Network
@@ -61,6 +61,8 @@ class ScoreResult:
     warnings: tuple[str, ...]
     timings: dict = field(compare=False)
     measures: Optional[dict] = None
+    #: with a Dask client: scheduler, workers, shards, shard_size, seconds (docs/dask.md)
+    distributed: Optional[dict] = field(default=None, compare=False)
     #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
     diagonal: Optional[dict] = field(default=None, repr=False, compare=False)
     #: with ``per_sample=True``: initializer name → (N,) contributions, and "trace"; not in JSON
@@ -110,6 +112,14 @@ class TraceSums:
         self.total += v.sum(axis=0)
         self.outer += v.T @ v
 
+    def merge(self, other: "TraceSums"):
+        """Add another shard's sums (the sums of consecutive samples after these)."""
+        self.n += other.n
+        self.total += other.total
+        self.outer += other.outer
+        self.loss += other.loss
+        self.correct += other.correct
+
     @property
     def mean(self) -> np.ndarray:
         return self.total / self.n
@@ -150,9 +160,15 @@ class EngineRun:
     provider: str
     fidelity: Optional[float]
     timings: dict
-    diagonal: Optional[dict] = None  # initializer name → diag H (mean over samples)
+    diagonal_sum: Optional[dict] = None  # initializer name → Σ over samples of diag H
     per_sample: Optional[np.ndarray] = None  # (N, tensors), columns of tensor_columns
     warnings: list = field(default_factory=list)
+
+    @property
+    def diagonal(self) -> Optional[dict]:
+        """Initializer name → diag H (mean over samples)."""
+        return None if self.diagonal_sum is None else \
+            {k: v / self.sums.n for k, v in self.diagonal_sum.items()}
 
 
 #: Batches processed at once, each by one worker thread with single-threaded BLAS (numpy's
@@ -173,9 +189,10 @@ class _Batch:
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
                 precision: str = "float64", check: bool = True, diagonal: bool = False,
-                per_sample: bool = False) -> EngineRun:
+                per_sample: bool = False, first_sample: int = 0) -> EngineRun:
     """Run forward + engine over batches, ENGINE_WORKERS batches at a time, and accumulate
-    the results in float64 in batch order."""
+    the results in float64 in batch order. ``first_sample``: the index of the first sample
+    in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -209,7 +226,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         nonlocal fidelity, check, diag_sums, t_forward, t_engine
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
-            raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
+            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: the network "
                                 "overflows on this input")
         if check:
             m = FIDELITY_SAMPLES
@@ -220,7 +237,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
                 warnings.append(f"import fidelity not checked: {exc}")
             check = False
         if not np.all(np.isfinite(batch.traces)):
-            raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
+            raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
+                                f"{first_sample + sums.n}")
         if batch.diagonal is not None:
             diag_sums = batch.diagonal if diag_sums is None else \
                 {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
@@ -249,8 +267,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     if sums.n == 0:
         raise MinsharpError("no samples to score")
     return EngineRun(
-        sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
-        None if diag_sums is None else {k: v / sums.n for k, v in diag_sums.items()},
+        sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine}, diag_sums,
         np.concatenate(rows) if per_sample else None, warnings)
 
 
@@ -340,7 +357,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           diagonal: bool = False, per_sample: bool = False, measures: bool = False,
           input_shape: Optional[Sequence[int]] = None,
           progress: Optional[Callable[[int], None]] = None,
-          on_start: Optional[Callable[[int], None]] = None) -> ScoreResult:
+          on_start: Optional[Callable[[int], None]] = None,
+          client=None, shard_size: Optional[int] = None,
+          scatter_data: bool = False) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
@@ -348,30 +367,42 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
     attribute holds each sample's trace contributions (initializer name → (N,), and
     ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
-    at α*. Raises ``MinsharpError`` on bad input.
+    at α*. With a Dask ``client`` (``distributed.Client``) the samples are scored in shards
+    of ``shard_size`` consecutive samples on its workers (docs/dask.md); without one, in
+    this process (in one piece, or shard by shard when ``shard_size`` is given). Raises
+    ``MinsharpError`` on bad input.
     """
+    from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
+
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(
         model, None if input_shape is None else tuple(input_shape))
     t_import = time.perf_counter() - start
     network = imported.network
     dataset = open_dataset(data, split, x_key, y_key, limit)
-    try:
-        check_finite(dataset)
-        check_labels(dataset, network.num_classes)
-        prep = Preprocessing(mean, std)
-        bs = batch_size_for(network, memory_budget, batch_size, precision)
-        if on_start:
-            on_start(dataset.samples)
-        run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), dataset.y,
-                          provider, progress, precision, diagonal=diagonal or measures,
-                          per_sample=per_sample)
-        sums = run.sums
-        data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
-                     "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
-                     "batch_size": min(bs, sums.n), "precision": precision}
-    finally:
-        dataset.close()
+    dataset.close()
+    prep = Preprocessing(mean, std)
+    bs = batch_size_for(network, memory_budget, batch_size, precision)
+    path = dataset.path if client is None else dataset.path.resolve()  # workers' cwd may differ
+    spec = DataSpec(str(path), split, dataset.x_key, dataset.y_key, limit, prep, bs)
+    options = {"provider": provider, "precision": precision, "diagonal": diagonal or measures,
+               "per_sample": per_sample}
+    samples = dataset.samples
+    ranges = shard_ranges(samples, shard_size or (bs * SHARD_BATCHES if client else samples))
+    if on_start:
+        on_start(samples)
+    distributed = None
+    if client is None:
+        runs = [score_shard(imported, spec, a, b, options, progress=progress) for a, b in ranges]
+    else:
+        from .distributed import run_shards
+
+        runs, distributed = run_shards(client, imported, spec, ranges, options, progress, scatter_data)
+    run = merge(runs)
+    sums = run.sums
+    data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
+                 "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
+                 "batch_size": min(bs, sums.n), "precision": precision}
     summary = summarise(imported, sums, dataset.y is not None)
     timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
     per_sample_dict = None
@@ -390,7 +421,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        diagonal=run.diagonal, per_sample=per_sample_dict)
+        diagonal=run.diagonal, per_sample=per_sample_dict, distributed=distributed)
     return result
 
 

@@ -134,6 +134,10 @@ def format_score(result) -> str:
     checked = "not checked" if fid is None else f"{fid:.2g}"
     lines.append(f"forward: {result.provider}; import fidelity {checked} "
                  f"(tolerance {result.fidelity['tolerance']:g})")
+    if result.distributed is not None:
+        dist = result.distributed
+        lines.append(f"dask: {dist['workers']} workers at {dist['scheduler']}, {dist['shards']} "
+                     f"shards of {dist['shard_size']} samples, {dist['seconds']:.3f} s")
     if result.postprocessing:
         lines.append(f"scored the logits before post-processing: {', '.join(result.postprocessing)}")
     headers = ["#", "layer", "kind", "weight", "shape", "Tr H_W", "Tr H_b", "alpha*"]
@@ -187,6 +191,9 @@ def score(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, for models whose input has dynamic dimensions."),
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 16 batches; without: one shard)."),
+    scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
@@ -198,15 +205,27 @@ def score(
         for out in (json_path, diag_path, per_sample_path):
             if out is not None:
                 check_output_dir(out)
+        if scatter_data and dask is None:
+            raise MinsharpError("--scatter-data needs --dask")
         progress = Progress()
-        result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                           mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                           batch_size=batch_size, provider=provider,
-                           memory_budget=parse_bytes(memory_budget), precision=precision,
-                           diagonal=diag_path is not None, per_sample=per_sample_path is not None,
-                           measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                           progress=progress,
-                           on_start=progress.start)
+
+        def run(client=None):
+            return run_score(model, data, split=split, x_key=x_key, y_key=y_key,
+                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
+                             batch_size=batch_size, provider=provider,
+                             memory_budget=parse_bytes(memory_budget), precision=precision,
+                             diagonal=diag_path is not None, per_sample=per_sample_path is not None,
+                             measures=measures, input_shape=_ints(input_shape, "--input-shape"),
+                             progress=progress, on_start=progress.start, client=client,
+                             shard_size=shard_size, scatter_data=scatter_data)
+
+        if dask is None:
+            result = run()
+        else:
+            from .distributed import connect
+
+            with connect(dask) as client:
+                result = run(client)
         if diag_path is not None:
             write_atomically(diag_path, npz_bytes(result.diagonal))
         if per_sample_path is not None:
