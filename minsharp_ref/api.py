@@ -189,10 +189,11 @@ class _Batch:
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
                 precision: str = "float64", check: bool = True, diagonal: bool = False,
-                per_sample: bool = False, first_sample: int = 0) -> EngineRun:
-    """Run forward + engine over batches, ENGINE_WORKERS batches at a time, and accumulate
-    the results in float64 in batch order. ``first_sample``: the index of the first sample
-    in the data set (for error messages)."""
+                per_sample: bool = False, first_sample: int = 0,
+                threads: int = ENGINE_WORKERS) -> EngineRun:
+    """Run forward + engine over batches, ``threads`` batches at a time, and accumulate
+    the results in float64 in batch order (the result does not depend on ``threads``).
+    ``first_sample``: the index of the first sample in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -226,8 +227,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         nonlocal fidelity, check, diag_sums, t_forward, t_engine
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
-            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: the network "
-                                "overflows on this input")
+            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
+                                "the network overflows on this input")
         if check:
             m = FIDELITY_SAMPLES
             try:
@@ -256,11 +257,11 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         if progress:
             progress(len(batch.x))
 
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(ENGINE_WORKERS) as pool:
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
         for x in xs:
             pending.append(pool.submit(job, x))
-            if len(pending) >= ENGINE_WORKERS:
+            if len(pending) >= threads:
                 consume(pending.popleft().result())
         while pending:
             consume(pending.popleft().result())
@@ -388,7 +389,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     options = {"provider": provider, "precision": precision, "diagonal": diagonal or measures,
                "per_sample": per_sample}
     samples = dataset.samples
-    ranges = shard_ranges(samples, shard_size or (bs * SHARD_BATCHES if client else samples))
+    default = bs * SHARD_BATCHES if client is not None else samples
+    ranges = shard_ranges(samples, default if shard_size is None else shard_size)
     if on_start:
         on_start(samples)
     distributed = None

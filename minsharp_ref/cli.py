@@ -192,7 +192,7 @@ def score(
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 16 batches; without: one shard)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 8 batches; without: one shard)."),
     scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""

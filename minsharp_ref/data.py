@@ -25,6 +25,8 @@ CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImp
 
 
 class _Rows:
+    """``rows`` for classes that yield row blocks (``blocks(rows, stop, start)``)."""
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start`` to ``stop`` (exclusive) as one array."""
         empty = np.empty((0,) + self.shape[1:], self.dtype)
@@ -96,9 +98,6 @@ class NpyMember(_Rows):
                                         "is missing")
                 yield np.frombuffer(buf, dtype=self.dtype).reshape((take,) + row_shape)
                 done += take
-
-    def read(self) -> np.ndarray:
-        return self.rows(0, len(self))
 
 
 class RowBlock(_Rows):

@@ -23,6 +23,9 @@ from .errors import MinsharpError, first_line
 INSTALL = "pip install 'minsharp-ref[dask]'"
 #: With scatter_data: shards shipped ahead of the results, per worker.
 SHARDS_IN_FLIGHT_PER_WORKER = 2
+#: Batches a task runs at once: one, since each Dask worker thread runs a task (a local run
+#: uses api.ENGINE_WORKERS threads instead). The numbers do not depend on it.
+THREADS_PER_TASK = 1
 
 
 def _distributed():
@@ -38,17 +41,21 @@ def connect(address: str) -> Iterator:
     """A ``distributed.Client`` for ``address``: ``tcp://host:port`` (a running scheduler)
     or ``local:N`` (a LocalCluster of N single-threaded worker processes on this machine,
     started for this run and closed afterwards)."""
-    distributed = _distributed()
+    n = None
     if address.startswith("local:"):
-        try:
-            n = int(address[len("local:"):])
-        except ValueError:
-            n = 0
+        n = int(address[6:]) if address[6:].isdigit() else 0
         if n < 1:
             raise MinsharpError(f"--dask {address!r}: use local:N with N ≥ 1 worker processes, "
                                 "or a scheduler address like tcp://host:8786")
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+    distributed = _distributed()
+    if n is not None:
+        import dask
+
+        # Dask's default MALLOC_TRIM_THRESHOLD_ for workers makes glibc map and unmap every
+        # large temporary array: the engine runs about 1.6x slower (docs/dask.md)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                               dashboard_address=":0", silence_logs=logging.ERROR)
         with cluster, distributed.Client(cluster) as client:
             yield client
         return
@@ -100,6 +107,7 @@ def run_shards(client, imported, spec, ranges: list[tuple[int, int]], options: d
     distributed = _distributed()
     start = time.perf_counter()
     workers = check_workers(client)
+    options = {"threads": THREADS_PER_TASK, **options}
     model = client.scatter(imported, broadcast=True, hash=False)
     dataset = spec.open() if scatter_data else None
     shards = iter(enumerate(ranges))

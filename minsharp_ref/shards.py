@@ -21,7 +21,7 @@ from .errors import MinsharpError
 from .onnx_import import ImportedModel
 
 #: Default shard: this many batches (the batch size follows from the memory budget).
-SHARD_BATCHES = 16
+SHARD_BATCHES = 8
 
 
 @dataclass(frozen=True)
