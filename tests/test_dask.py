@@ -133,7 +133,7 @@ def test_a_killed_worker_changes_nothing(client):
     """SIGKILL a worker process while it runs a shard (after the first shard is done): Dask
     recomputes its shards on the other worker (its nanny restarts it) and the result is
     the local run's."""
-    kwargs = dict(mean=[0.5], std=[0.5], limit=430, provider="cpu")
+    kwargs = dict(mean=[0.5], std=[0.5], limit=301, provider="cpu")
     local = minsharp_ref.score(LENET, MNIST, **kwargs).to_dict()
     pids = client.run(os.getpid)
     killed = {}
