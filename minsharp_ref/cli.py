@@ -6,6 +6,7 @@ one line ``error: …`` on stderr and no traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ import typer
 
 from . import __version__
 from .errors import MinsharpError, first_line
+from .progress import Phases
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Exact Hessian traces and minimum sharpness of ReLU networks from ONNX.")
@@ -91,85 +93,6 @@ def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     raise typer.Exit(code)
 
 
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self):
-        self.enabled = sys.stderr.isatty()
-        self.total = self.done = 0
-
-    def start(self, total: int):
-        self.total = total
-
-    def __call__(self, n: int):
-        self.done += n
-        if self.enabled and self.total:
-            width = 30
-            filled = int(width * self.done / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} samples")
-            if self.done >= self.total:
-                sys.stderr.write("\r" + " " * (width + 30) + "\r")
-            sys.stderr.flush()
-
-
-def format_table(table: list[list[str]], right=frozenset()) -> list[str]:
-    """Text cells as aligned lines (columns in ``right`` right-aligned)."""
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
-                      for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in table]
-
-
-def _fmt(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.6g}"
-
-
-def format_score(result) -> str:
-    """The human-readable report of a ScoreResult."""
-    lines = [f"minsharp-ref {__version__}: {result.model['path']}"]
-    d = result.data
-    prep = "; ".join(d["preprocessing"]) or "no preprocessing"
-    labels = f", {d['y_key']}" if d["y_key"] else ", no labels"
-    lines.append(f"data: {d['path']} [{d['x_key']}{labels}], {d['samples']} samples; {prep}")
-    fid = result.fidelity["max_scaled_difference"]
-    checked = "not checked" if fid is None else f"{fid:.2g}"
-    lines.append(f"forward: {result.provider}; import fidelity {checked} "
-                 f"(tolerance {result.fidelity['tolerance']:g})")
-    if result.distributed is not None:
-        dist = result.distributed
-        lines.append(f"dask: {dist['workers']} workers at {dist['scheduler']}, {dist['shards']} "
-                     f"shards of {dist['shard_size']} samples, {dist['seconds']:.3f} s")
-    if result.postprocessing:
-        lines.append(f"scored the logits before post-processing: {', '.join(result.postprocessing)}")
-    headers = ["#", "layer", "kind", "weight", "shape", "Tr H_W", "Tr H_b", "alpha*"]
-    rows = [[str(l.index), l.name, l.kind, l.weight, "x".join(map(str, l.weight_shape)),
-             _fmt(l.trace_weight), _fmt(l.trace_bias), _fmt(l.alpha)] for l in result.layers]
-    lines.append("")
-    lines.extend(format_table([headers] + rows, right={0, 5, 6, 7}))
-    lines.append("")
-    lines.append(f"naive trace Tr H     {result.trace:.8g}  (± {result.trace_stderr:.2g} s.e. over samples)")
-    se = result.minimum_sharpness_stderr
-    solver = result.solver
-    how = {"closed-form": "closed form (no biases)", "dead-layer": "dead layer",
-           "newton": f"Newton, {solver['iterations']} steps, gradient {solver['gradient_norm']:.1e}"}[solver["method"]]
-    lines.append(f"minimum sharpness    {result.minimum_sharpness:.8g}"
-                 + (f"  (± {se:.2g} s.e.)" if se is not None else "") + f"  [{how}]")
-    if result.loss is not None:
-        lines.append(f"loss {result.loss:.6g}   accuracy {result.accuracy:.4f}")
-    t = result.timings
-    lines.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} (summed over the engine "
-                 f"workers: forward {t['forward_s']:.3f}, traces {t['engine_s']:.3f})")
-    if result.measures is not None:
-        ns = result.measures["normalised_sharpness"]
-        lines.append(f"normalised sharpness {ns['value']:.8g}  (per layer: "
-                     + ", ".join(f"{l['value']:.4g}" for l in ns["layers"]) + ")")
-        lines.append("traces at alpha*     " + ", ".join(
-            f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
-            for l in result.measures["traces_at_alpha"] if l["weight"] is not None))
-    for w in result.warnings:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)
-
-
 @app.command()
 def score(
     model: Path = typer.Argument(..., help="ONNX model file."),
@@ -191,6 +114,13 @@ def score(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, for models whose input has dynamic dimensions."),
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors and failed gates on stderr (the JSON and the exit code stay)."),
+    output_format: str = typer.Option("table", "--format", help="Standard output: table (rich on a terminal, plain text otherwise) | markdown (a summary for a CI job page) | json."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Score JSON of the last release (same data and options) to compare with; exit 2 when not comparable."),
+    max_increase: Optional[str] = typer.Option(None, "--max-increase", help="Gate: exit 1 when minimum sharpness exceeds the baseline's by more than this: 10% (relative) or 2.5 (absolute)."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="More gated quantities against the baseline, e.g. trace,loss:2%,accuracy:0.01 (accuracy gates a decrease; no threshold: --max-increase's)."),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Count only worsenings beyond K standard errors of the difference."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 8 batches; without: one shard)."),
     scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),
@@ -198,46 +128,64 @@ def score(
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
     def body() -> int:
+        from . import gates as G
+        from .api import json_safe
         from .api import score as run_score
+        from .plot import check_plot_path, plot_bytes
+        from .report import Output, score_blocks, score_markdown
 
         if max_sharpness is not None and not max_sharpness >= 0:
             raise MinsharpError(f"--max-sharpness must be a non-negative number, not {max_sharpness}")
-        for out in (json_path, diag_path, per_sample_path):
+        if output_format not in ("table", "markdown", "json"):
+            raise MinsharpError(f"--format must be table, markdown or json, not {output_format!r}")
+        thresholds = G.parse_gates(gate, max_increase, sigma, baseline is not None)
+        base_doc, base_sha = G.load_baseline(baseline) if baseline is not None else (None, None)
+        plot_format = check_plot_path(plot) if plot is not None else None
+        for out in (json_path, diag_path, per_sample_path, plot):
             if out is not None:
                 check_output_dir(out)
+        output = Output(quiet)
         if scatter_data and dask is None:
             raise MinsharpError("--scatter-data needs --dask")
-        progress = Progress()
-
-        def run(client=None):
-            return run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                             batch_size=batch_size, provider=provider,
-                             memory_budget=parse_bytes(memory_budget), precision=precision,
-                             diagonal=diag_path is not None, per_sample=per_sample_path is not None,
-                             measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                             progress=progress, on_start=progress.start, client=client,
-                             shard_size=shard_size, scatter_data=scatter_data)
-
-        if dask is None:
-            result = run()
-        else:
+        cluster = contextlib.nullcontext()
+        if dask is not None:
             from .distributed import connect
 
-            with connect(dask) as client:
-                result = run(client)
+            cluster = connect(dask)
+        with cluster as client, Phases(enabled=not quiet) as phases:
+            phases.start("import")
+            on_start, progress = phases.samples()
+            result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
+                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
+                               batch_size=batch_size, provider=provider,
+                               memory_budget=parse_bytes(memory_budget), precision=precision,
+                               diagonal=diag_path is not None, per_sample=per_sample_path is not None,
+                               measures=measures, input_shape=_ints(input_shape, "--input-shape"),
+                               progress=progress, on_start=on_start, client=client,
+                               shard_size=shard_size, scatter_data=scatter_data)
+        doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
+                                     sigma, max_sharpness))
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
         if diag_path is not None:
             write_atomically(diag_path, npz_bytes(result.diagonal))
         if per_sample_path is not None:
             write_atomically(per_sample_path, npz_bytes(result.per_sample))
         if json_path is not None:
-            write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-        typer.echo(format_score(result))
-        if max_sharpness is not None and result.minimum_sharpness > max_sharpness:
-            typer.echo(f"gate failed: minimum sharpness {result.minimum_sharpness:.6g} > "
-                       f"--max-sharpness {max_sharpness:g}", err=True)
-            return 1
-        return 0
+            write_atomically(json_path, text)
+        if plot is not None:
+            write_atomically(plot, plot_bytes(doc, plot_format, base_doc))
+        if output_format == "json":
+            output.text(text.rstrip("\n"))
+        elif output_format == "markdown":
+            output.text(score_markdown(doc))
+        else:
+            output.report(score_blocks(doc))
+        for w in doc["warnings"]:
+            output.warning(w)
+        failed = [g for g in doc.get("gates", []) if not g["passed"]]
+        for g in failed:
+            output.failure(g["message"])
+        return 1 if failed else 0
 
     run_guarded(debug, body)
 
@@ -283,6 +231,7 @@ def rescale(
     std: Optional[str] = typer.Option(None),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
     """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons).
 
@@ -293,6 +242,7 @@ def rescale(
         import numpy as np
 
         from .onnx_import import import_model
+        from .report import Output
         from .rescale import (alpha_parameters, apply_to_proto, check_alpha, logits_agree,
                               neuron_parameters, random_alpha)
         from .runtime import FIDELITY_RTOL, OrtForward
@@ -323,9 +273,8 @@ def rescale(
             raise MinsharpError(f"the rescaled model's logits differ by {diff:.3g} (tolerance "
                                 f"{FIDELITY_RTOL:g}) on {source}: not written")
         write_atomically(output, new_proto.SerializeToString())
-        typer.echo(what)
-        typer.echo(f"logits agree to {diff:.2g} (tolerance {FIDELITY_RTOL:g}) on {source}")
-        typer.echo(f"wrote {output}")
+        Output(quiet).text(f"{what}\nlogits agree to {diff:.2g} (tolerance {FIDELITY_RTOL:g}) "
+                           f"on {source}\nwrote {output}")
         return 0
 
     run_guarded(debug, body)
@@ -360,6 +309,7 @@ def invariance(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
     hypothesis, while the naive trace does. Exit 1 when it moves by more than --rtol."""
@@ -369,36 +319,29 @@ def invariance(
         from .data import Preprocessing, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
+        from .report import Output, invariance_blocks
 
         if trials < 1:
             raise MinsharpError(f"--trials must be at least 1, not {trials}")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        imported = import_model(model, _ints(input_shape, "--input-shape"))
-        network = imported.network
-        prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
-        bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
-        # held in memory: every trial re-scores the same batches
-        xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
-        typer.echo(f"{'trial':>5}  {'naive Tr H':>14}  {'min. sharpness':>20}  {'rel. dev.':>9}  alpha")
-        count = [0]
-
-        def show(trial):
-            count[0] += 1
-            alphas = ",".join(f"{a:.3g}" for a in trial.alpha)
-            typer.echo(f"{count[0]:>5}  {trial.trace:>14.6g}  {trial.minimum_sharpness:>20.15g}  "
-                       f"{trial.deviation:>9.2g}  {alphas}")
-
-        result = check_invariance(imported, xs, provider=provider, trials=trials, seed=seed,
-                                  spread=spread, rtol=rtol, data_info=info, on_trial=show)
-        typer.echo(f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
-                   f"{result.base_minimum_sharpness:.15g} ({result.provider}, {info['samples']} samples)")
-        if result.falsifying_alpha is not None:
-            typer.echo("minimal failing alpha (shrunk by hypothesis): "
-                       + ",".join(f"{a:.6g}" for a in result.falsifying_alpha))
-        typer.echo(result.summary())
+        if json_path is not None:
+            check_output_dir(json_path)
+        with Phases(enabled=not quiet) as phases:
+            phases.start("import")
+            imported = import_model(model, _ints(input_shape, "--input-shape"))
+            network = imported.network
+            prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
+            bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
+            # held in memory: every trial re-scores the same batches
+            xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
+            phases.start("trials", trials, "trials")
+            result = check_invariance(imported, xs, provider=provider, trials=trials, seed=seed,
+                                      spread=spread, rtol=rtol, data_info=info,
+                                      on_trial=lambda _: phases.advance())
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        Output(quiet).report(invariance_blocks(result, info["samples"]))
         return 0 if result.passed else 1
 
     run_guarded(debug, body)
@@ -423,6 +366,7 @@ def verify(
     atol: list[str] = typer.Option([], "--atol", help=f"Absolute tolerance (default {1e-8:g}); 'quantity:value' overrides one."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
     debug: bool = typer.Option(False, "--debug"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
 ):
     """Compare another framework's traces (and diagonals) with ours. Exit 0 all pass, 1 any
     fail, 2 input error."""
@@ -431,6 +375,7 @@ def verify(
         from .api import score as run_score
         from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VERIFY_SCHEMA, compare, data_mismatches,
                              load_expected, load_expected_diagonal, parse_tolerances, table_rows)
+        from .report import Output, verify_blocks
 
         rtols = parse_tolerances(rtol, "--rtol", DEFAULT_RTOL)
         atols = parse_tolerances(atol, "--atol", DEFAULT_ATOL)
@@ -438,22 +383,23 @@ def verify(
         theirs_diag = load_expected_diagonal(expected_diag) if expected_diag else None
         if json_path is not None:
             check_output_dir(json_path)
-        result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                           mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                           batch_size=batch_size, provider=provider,
-                           diagonal=theirs_diag is not None,
-                           input_shape=_ints(input_shape, "--input-shape"))
+        with Phases(enabled=not quiet) as phases:
+            phases.start("import")
+            on_start, progress = phases.samples()
+            result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
+                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
+                               batch_size=batch_size, provider=provider,
+                               diagonal=theirs_diag is not None,
+                               input_shape=_ints(input_shape, "--input-shape"),
+                               progress=progress, on_start=on_start)
         notes = data_mismatches(result, theirs)
-        for note in notes:
-            typer.echo(f"data mismatch: {note}")
         rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
-        typer.echo("\n".join(format_table(table_rows(rows))))
         failed = [r for r in rows if r.status in ("FAIL", "UNKNOWN")]
         missing = [r for r in rows if r.status == "MISSING"]
         summary = (f"{'FAIL' if failed else 'PASS'}: {len(rows) - len(failed) - len(missing)} "
                    f"passed, {len(failed)} failed, {len(missing)} not provided by theirs "
                    f"({result.data['samples']} samples, {result.provider})")
-        typer.echo(summary)
+        Output(quiet).report(verify_blocks(notes, table_rows(rows), summary))
         if json_path is not None:
             from .api import json_safe
 
