@@ -61,6 +61,8 @@ class ScoreResult:
     warnings: tuple[str, ...]
     timings: dict = field(compare=False)
     measures: Optional[dict] = None
+    #: the loss whose Hessian was traced: "cross-entropy", "binary" or "mse"
+    loss_kind: str = "cross-entropy"
     #: with a Dask client: scheduler, workers, shards, shard_size, seconds (docs/dask.md)
     distributed: Optional[dict] = field(default=None, compare=False)
     #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
@@ -101,7 +103,7 @@ class TraceSums:
     total: np.ndarray = None  # type: ignore[assignment]
     outer: np.ndarray = None  # type: ignore[assignment]
     loss: float = 0.0
-    correct: int = 0
+    correct: int = 0  # correct predictions (not counted for mse)
 
     def __post_init__(self):
         self.total = np.zeros(self.columns)
@@ -249,11 +251,10 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         t_forward += batch.seconds[0]
         t_engine += batch.seconds[1]
         if labels is not None:
-            y = labels[sums.n - len(batch.x):sums.n]
-            z = batch.logits - batch.logits.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(z).sum(axis=1))
-            sums.loss += float(np.sum(lse - z[np.arange(len(y)), y]))
-            sums.correct += int(np.sum(np.argmax(batch.logits, axis=1) == y))
+            loss, correct = loss_and_correct(batch.logits, labels[sums.n - len(batch.x):sums.n],
+                                             network.loss)
+            sums.loss += loss
+            sums.correct += correct
         if progress:
             progress(len(batch.x))
 
@@ -270,6 +271,40 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     return EngineRun(
         sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine}, diag_sums,
         np.concatenate(rows) if per_sample else None, warnings)
+
+
+def loss_and_correct(logits: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, int]:
+    """Summed loss and number of correct predictions of a batch (docs/method.md, section 1):
+    cross-entropy logsumexp(z) − z_y and arg-max; binary cross-entropy of σ(z), computed as
+    max(z, 0) − y·z + log(1 + e^{−|z|}), and z > 0; mse (1/K) Σ_k (z_k − y_k)², no accuracy."""
+    if loss == "binary":
+        z = logits[:, 0]
+        bce = np.maximum(z, 0.0) - y * z + np.log1p(np.exp(-np.abs(z)))
+        return float(bce.sum()), int(np.sum((z > 0) == (y == 1)))
+    if loss == "mse":
+        d = logits - y.reshape(logits.shape)
+        return float(np.einsum("nk,nk->", d, d) / logits.shape[1]), 0
+    z = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1))
+    return float(np.sum(lse - z[np.arange(len(y)), y])), int(np.sum(np.argmax(logits, axis=1) == y))
+
+
+def with_loss(imported: ImportedModel, loss: Optional[str]) -> ImportedModel:
+    """The model with its loss kind overridden (``--loss``); None keeps the head's."""
+    from dataclasses import replace
+
+    from .onnx_import.head import LOSS_KINDS
+
+    if loss is None or loss == imported.network.loss:
+        return imported
+    if loss not in LOSS_KINDS:
+        raise MinsharpError(f"--loss must be one of {', '.join(LOSS_KINDS)}, not {loss!r}")
+    k = imported.network.num_classes
+    if loss == "binary" and k != 1:
+        raise MinsharpError(f"--loss binary needs a single logit; the model has {k} outputs")
+    if loss == "cross-entropy" and k < 2:
+        raise MinsharpError("--loss cross-entropy needs at least 2 logits; the model has 1")
+    return replace(imported, network=replace(imported.network, loss=loss))
 
 
 @dataclass(frozen=True)
@@ -321,7 +356,7 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Sum
     solver = {"method": ms.method, "iterations": ms.iterations, "gradient_norm": ms.gradient_norm,
               "converged": ms.converged}
     loss = sums.loss / sums.n if has_labels else None
-    acc = sums.correct / sums.n if has_labels else None
+    acc = sums.correct / sums.n if has_labels and network.loss != "mse" else None
     return Summary(layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se,
                    solver, loss, acc, warnings)
 
@@ -356,7 +391,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           batch_size: Optional[int] = None, provider: str = "auto",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
           diagonal: bool = False, per_sample: bool = False, measures: bool = False,
-          input_shape: Optional[Sequence[int]] = None,
+          input_shape: Optional[Sequence[int]] = None, loss: Optional[str] = None,
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None,
           client=None, shard_size: Optional[int] = None,
@@ -368,9 +403,10 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
     attribute holds each sample's trace contributions (initializer name → (N,), and
     ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
-    at α*. With a Dask ``client`` (``distributed.Client``) the samples are scored in shards
-    of ``shard_size`` consecutive samples on its workers (docs/dask.md); without one, in
-    this process (in one piece, or shard by shard when ``shard_size`` is given). Raises
+    at α*. ``loss`` ("cross-entropy", "binary" or "mse") overrides the loss the model's
+    head suggests. With a Dask ``client`` (``distributed.Client``) the samples are scored in
+    shards of ``shard_size`` consecutive samples on its workers (docs/dask.md); without one,
+    in this process (in one piece, or shard by shard when ``shard_size`` is given). Raises
     ``MinsharpError`` on bad input.
     """
     from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
@@ -378,6 +414,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(
         model, None if input_shape is None else tuple(input_shape))
+    imported = with_loss(imported, loss)
     t_import = time.perf_counter() - start
     network = imported.network
     dataset = open_dataset(data, split, x_key, y_key, limit)
@@ -423,14 +460,16 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        diagonal=run.diagonal, per_sample=per_sample_dict, distributed=distributed)
+        loss_kind=network.loss, diagonal=run.diagonal, per_sample=per_sample_dict,
+        distributed=distributed)
     return result
 
 
 def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000,
-                 precision: str = "float64"):
+                 precision: str = "float64", loss: Optional[str] = None):
     """Score an in-memory input array already preprocessed and in the model's input shape
-    (N, *input_shape). ``model`` is an .onnx path, a ModelProto or an ImportedModel.
+    (N, *input_shape). ``model`` is an .onnx path, a ModelProto or an ImportedModel;
+    ``loss`` overrides the loss the head suggests.
     Returns (list of LayerResult, naive trace, minimum sharpness). For tests and other
     frameworks' code."""
     import onnx
@@ -443,6 +482,7 @@ def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: i
         imported = model
     else:
         imported = import_model(model)
+    imported = with_loss(imported, loss)
     x = np.asarray(x)
     if x.ndim < 1 or tuple(x.shape[1:]) != tuple(imported.network.input_shape) or len(x) == 0:
         raise MinsharpError(f"input of shape {x.shape}; the model expects (N, "

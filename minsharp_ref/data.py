@@ -156,10 +156,12 @@ class Dataset:
         return len(self.x) if self.limit is None else min(self.limit, len(self.x))
 
     def labels(self, start: int = 0, stop: Optional[int] = None) -> Optional[np.ndarray]:
-        """Labels of samples ``start`` .. ``stop`` (default: all), as int64; None without."""
+        """Labels of samples ``start`` .. ``stop`` (default: all): int64 class indices or
+        float64 regression targets; None without."""
         if self.y is None:
             return None
-        return self.y.rows(start, self.samples if stop is None else stop).astype(np.int64)
+        y = self.y.rows(start, self.samples if stop is None else stop)
+        return y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float64)
 
     def rows(self, start: int, stop: int) -> "Dataset":
         """Samples ``start`` .. ``stop`` read into memory: a Dataset that needs no file."""
@@ -208,9 +210,9 @@ def open_dataset(path, split: str = "train", x_key: Optional[str] = None,
         y = None
         if y_key is not None:
             ym = NpyMember(path, archive, y_key)
-            if len(ym.shape) != 1 or ym.dtype.kind not in "iu" or len(ym) != len(x):
-                raise MinsharpError(f'{path}: labels "{y_key}" have shape {ym.shape} and dtype '
-                                    f'{ym.dtype}; need integers of shape ({len(x)},)')
+            if len(ym.shape) not in (1, 2) or len(ym) != len(x):
+                raise MinsharpError(f'{path}: labels "{y_key}" have shape {ym.shape}; need '
+                                    f"({len(x)},) (or ({len(x)}, outputs) regression targets)")
             y = ym
         return Dataset(path, x, y, x_key, y_key, limit, archive)
     except Exception:
@@ -279,15 +281,31 @@ def check_finite(dataset: Dataset, start: int = 0, stop: Optional[int] = None,
                             f"values{where} (first in sample {first})")
 
 
-def check_labels(dataset: Dataset, num_classes: int, y: Optional[np.ndarray], start: int = 0) -> None:
-    """Refuse labels outside 0..num_classes-1; ``y`` holds the labels of the samples from
-    ``start`` on."""
+def check_labels(dataset: Dataset, outputs: int, loss: str, y: Optional[np.ndarray],
+                 start: int = 0) -> None:
+    """Labels that fit the loss: class indices 0..K−1 (cross-entropy), 0/1 (binary), or
+    float targets of shape (N,) for one output or (N, K) (mse). ``y`` holds the labels of
+    the samples from ``start`` on."""
     if y is None:
         return
-    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    where = f'{dataset.path}: labels "{dataset.y_key}"'
+    if loss == "mse":
+        if y.ndim == 1 and outputs != 1 or y.ndim == 2 and y.shape[1] != outputs:
+            raise MinsharpError(f"{where} have shape {y.shape}; the regressor (--loss mse) has "
+                                f"{outputs} outputs")
+        if not np.all(np.isfinite(y)):
+            raise MinsharpError(f"{where} contain NaN/Inf")
+        return
+    if y.ndim != 1 or y.dtype.kind == "f":
+        raise MinsharpError(f"{where} are {'floats' if y.dtype.kind == 'f' else 'not 1-D'}, not "
+                            f"class indices, but the loss is {loss}; pass --loss mse for "
+                            "regression targets")
+    top = 1 if loss == "binary" else outputs - 1
+    bad = np.flatnonzero((y < 0) | (y > top))
     if bad.size:
-        raise MinsharpError(f'{dataset.path}: labels "{dataset.y_key}" out of range 0..{num_classes - 1}: '
-                            f"{bad.size} values, first {int(y[bad[0]])} at sample {start + int(bad[0])}")
+        hint = " (pick 0/1 labels with --y-key)" if loss == "binary" else ""
+        raise MinsharpError(f"{where} out of range 0..{top} for the {loss} loss: {bad.size} values, "
+                            f"first {int(y[bad[0]])} at sample {start + int(bad[0])}{hint}")
 
 
 def load_batches(path, input_shape: tuple[int, ...], prep: Preprocessing, batch_size: int,

@@ -1,8 +1,10 @@
 """Exact per-tensor Hessian traces by back-propagating a factor of the loss Hessian in the
-logits (spec section 2).
+logits (docs/method.md, section 3).
 
-With p = softmax(z) the loss Hessian in the logits is A = diag(p) − ppᵀ = SᵀS. The spec's S
-has the K rows √p_k (e_k − p); ``loss_hessian_sqrt`` builds an exact factor with K − 1 rows.
+For cross-entropy, with p = softmax(z), the loss Hessian in the logits is A = diag(p) − ppᵀ
+= SᵀS; the K rows √p_k (e_k − p) are a factor and ``loss_hessian_sqrt`` builds an exact one
+with K − 1 rows. ``loss_hessian_factor`` gives S for every loss kind (binary: A = p(1 − p),
+mse: A = 2I/K).
 Back-propagating its rows from the logits gives, at each layer output z_d, signals
 g_k = S_k ∂z/∂z_d, and
 
@@ -56,6 +58,33 @@ def loss_hessian_sqrt(p: np.ndarray) -> np.ndarray:
     v = np.sqrt(p_rows / p[np.arange(n), top][:, None])
     c = 1.0 / (1.0 + np.sqrt(1.0 + np.einsum("nk,nk->n", v, v)))
     return r + (c[:, None] * v)[:, :, None] * np.einsum("nk,nkj->nj", v, r)[:, None, :]
+
+
+def loss_hessian_factor(z: np.ndarray, loss: str = "cross-entropy") -> np.ndarray:
+    """An exact factor S with SᵀS = A, the Hessian of the per-sample loss in the logits z
+    (N, K), as (N, R, K) signals (docs/method.md, section 1 and "The S factorisation"):
+
+    * "cross-entropy": A = diag(p) − ppᵀ, p = softmax(z): R = K − 1 (``loss_hessian_sqrt``);
+    * "binary" (K = 1, ℓ = BCE of σ(z)): A = σ(z)σ(−z) = p(1 − p), S = e^{−|z|/2}/(1 + e^{−|z|}),
+      exact and without cancellation for any z;
+    * "mse" (ℓ = (1/K) Σ_k (z_k − y_k)²): A = 2I/K, S = √(2/K) I: R = K.
+    """
+    z = z.astype(np.float64)
+    n, k = z.shape
+    if loss == "cross-entropy":
+        return loss_hessian_sqrt(softmax(z))
+    if loss == "binary":
+        e = np.exp(-0.5 * np.abs(z))
+        return (e / (1.0 + e * e))[:, :, None]  # (N, 1, 1)
+    if loss == "mse":
+        return np.broadcast_to(np.sqrt(2.0 / k) * np.eye(k), (n, k, k)).copy()
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def signal_rows(network: Network) -> int:
+    """R, the number of signals per sample of ``loss_hessian_factor``."""
+    k = network.num_classes
+    return {"cross-entropy": k - 1, "binary": 1, "mse": k}[network.loss]
 
 
 # ------------------------------------------------------------------ signal back-propagation
@@ -283,7 +312,7 @@ def tensor_columns(network: Network) -> list[tuple[int, str, str]]:
 
 def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
                           logits: np.ndarray, dtype=np.float64):
-    """Back-propagate the signals of ``loss_hessian_sqrt`` from the logits; yield, for each
+    """Back-propagate the signals of ``loss_hessian_factor`` from the logits; yield, for each
     parameterised layer from the last to the first, (its index among the parameterised
     layers, the layer, the signals at its output (N, R, *out_shape), its input).
 
@@ -292,7 +321,7 @@ def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
     or float32 (pass a network already cast with ``Network.astype``)."""
     shapes = network.layer_shapes()
     n = logits.shape[0]
-    g = loss_hessian_sqrt(softmax(logits.astype(np.float64))).astype(dtype, copy=False)
+    g = loss_hessian_factor(logits, network.loss).astype(dtype, copy=False)
     start = first_param_index(network)
     d = len(network.param_layers)
     for i in range(len(network.layers) - 1, start - 1, -1):
@@ -337,7 +366,7 @@ def bytes_per_sample(network: Network, itemsize: int = 8) -> int:
     columns and the trace products of a conv, the flat indices of max-pool routing), at
     ``itemsize`` bytes per signal element. The conv back-propagation's own columns are
     chunked to CONV_CHUNK_BYTES and do not grow with the batch."""
-    k = network.num_classes - 1  # signals per sample (loss_hessian_sqrt)
+    k = signal_rows(network)
     shapes = network.layer_shapes()
     stored = 8 * sum(int(np.prod(s)) for s in shapes)
     peak = 0

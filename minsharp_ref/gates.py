@@ -119,8 +119,8 @@ def _structure(doc: dict) -> list[str]:
 
 def mismatches(doc: dict, baseline: dict) -> list[str]:
     """Why the two reports are not comparable: data file (by name: the directory may differ
-    between runners), keys, sample count, preprocessing, layer structure (kind, stored
-    weight shape, bias). Empty when comparable."""
+    between runners), keys, sample count, loss kind, preprocessing, layer structure (kind,
+    stored weight shape, bias). Empty when comparable."""
     notes = []
     d, b = doc["data"], baseline["data"]
     if Path(str(d.get("path"))).name != Path(str(b.get("path"))).name:
@@ -131,6 +131,9 @@ def mismatches(doc: dict, baseline: dict) -> list[str]:
         notes.append(f"data keys differ: baseline {keys(b)}, now {keys(d)}")
     if d.get("samples") != b.get("samples"):
         notes.append(f"sample count differs: baseline {b.get('samples')}, now {d.get('samples')}")
+    loss_kind = lambda x: x.get("loss_kind", "cross-entropy")  # noqa: E731  (older reports)
+    if loss_kind(doc) != loss_kind(baseline):
+        notes.append(f"loss differs: baseline {loss_kind(baseline)}, now {loss_kind(doc)}")
     if list(d.get("preprocessing", [])) != list(b.get("preprocessing", [])):
         notes.append(f"preprocessing differs: baseline {'; '.join(b.get('preprocessing', [])) or 'none'}, "
                      f"now {'; '.join(d.get('preprocessing', [])) or 'none'}")

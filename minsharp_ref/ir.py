@@ -281,6 +281,8 @@ class Network:
     output_name: str
     opset: int
     postprocessing: tuple[str, ...] = ()
+    #: the loss whose Hessian is traced: "cross-entropy", "binary" or "mse" (docs/method.md §1)
+    loss: str = "cross-entropy"
 
     @property
     def param_layers(self) -> list[ParamLayer]:
@@ -288,6 +290,7 @@ class Network:
 
     @property
     def num_classes(self) -> int:
+        """Number of logits per sample (outputs of a regressor, 1 for a binary head)."""
         return self.layer_shapes()[-1][0]
 
     def layer_shapes(self) -> list[tuple[int, ...]]:

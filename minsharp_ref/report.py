@@ -194,12 +194,13 @@ def score_blocks(doc: dict) -> list[Block]:
     checked = "not checked" if fid is None else f"{fid:.2g}"
     blocks.append(f"forward: {doc.get('provider')}; import fidelity {checked} "
                   f"(tolerance {fidelity.get('tolerance', math.nan):g})")
+    blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
     if doc.get("distributed"):
         dist = doc["distributed"]
         blocks.append(f"dask: {dist['workers']} workers at {dist['scheduler']}, {dist['shards']} "
                       f"shards of {dist['shard_size']} samples, {dist['seconds']:.3f} s")
     if doc.get("postprocessing"):
-        blocks.append(f"scored the logits before post-processing: {', '.join(doc['postprocessing'])}")
+        blocks.append(f"scored the logits before the head (stripped): {', '.join(doc['postprocessing'])}")
     blocks += ["", layer_table(doc), ""]
     blocks.append(Strong(f"naive trace Tr H     {doc['trace']:.8g}  "
                          f"(± {_stderr(doc.get('trace_stderr'))} s.e. over samples)"))
@@ -208,7 +209,7 @@ def score_blocks(doc: dict) -> list[Block]:
                          + (f"  (± {se:.2g} s.e.)" if se is not None else "")
                          + f"  [{_solver(doc.get('solver', {}))}]"))
     if doc.get("loss") is not None:
-        blocks.append(f"loss {doc['loss']:.6g}   accuracy {doc['accuracy']:.4f}")
+        blocks.append(f"loss {doc['loss']:.6g}   accuracy {fmt_quantity('accuracy', doc['accuracy'])}")
     t = doc.get("timings") or {}
     if "total_s" in t:
         blocks.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} (summed over the "
@@ -277,7 +278,7 @@ def score_markdown(doc: dict) -> str:
     values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(ms_se)}",
               "trace": f"{doc['trace']:.6g} ± {_stderr(trace_se)}"}
     if doc.get("loss") is not None:
-        values.update(loss=f"{doc['loss']:.6g}", accuracy=f"{doc['accuracy']:.4f}")
+        values.update(loss=f"{doc['loss']:.6g}", accuracy=fmt_quantity("accuracy", doc["accuracy"]))
     labels = {q: label for q, (label, _) in QUANTITIES.items()}
     base = doc.get("baseline")
     if base:

@@ -59,7 +59,7 @@ def score_shard(model: ImportedModel, spec: DataSpec, start: int, stop: int, opt
     try:
         check_finite(dataset, start, stop)
         labels = dataset.labels(start, stop)
-        check_labels(dataset, model.network.num_classes, labels, start)
+        check_labels(dataset, model.network.num_classes, model.network.loss, labels, start)
         xs = batches(dataset, model.network.input_shape, spec.preprocessing, spec.batch_size,
                      start, stop)
         return traces_over(model, xs, labels, progress=progress, check=start == 0,

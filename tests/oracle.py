@@ -259,7 +259,7 @@ class _Builder:
 
     def finish(self) -> Built:
         k = self.shape()
-        assert len(k) == 1 and k[0] >= 2, k
+        assert len(k) == 1 and k[0] >= 1, k
         logits = self.cur
         graph = helper.make_graph(
             self.nodes, "oracle_net",
@@ -309,6 +309,33 @@ def trace_from_jacobian(jac: np.ndarray, p: np.ndarray) -> float:
     mean = np.einsum("nk,nki->ni", p, jac)
     dev = jac - mean[:, None, :]
     return float(np.einsum("nk,nki,nki->", p, dev, dev) / jac.shape[0])
+
+
+def trace_for_loss(jac: np.ndarray, z: np.ndarray, loss: str = "cross-entropy") -> float:
+    """(1/N) Σ_n Tr(J_nᵀ A_n J_n) for the loss Hessian A_n in the logits z_n (N, K): softmax
+    cross-entropy (``trace_from_jacobian``), binary cross-entropy of σ(z) with K = 1
+    (A = σ(z)(1 − σ(z))), or the mean squared error over the K outputs (A = 2I/K)."""
+    if loss == "cross-entropy":
+        return trace_from_jacobian(jac, softmax(z))
+    if loss == "binary":
+        s = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        return float(np.einsum("n,nki,nki->", s * (1.0 - s), jac, jac) / jac.shape[0])
+    if loss == "mse":
+        return float(2.0 / z.shape[1] * np.einsum("nki,nki->", jac, jac) / jac.shape[0])
+    raise ValueError(loss)
+
+
+def loss_value(z: np.ndarray, y: np.ndarray, loss: str = "cross-entropy") -> float:
+    """Mean loss over samples, written directly from its definition (float64)."""
+    if loss == "cross-entropy":
+        m = z.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+        return float(np.mean(lse - z[np.arange(len(y)), y]))
+    if loss == "binary":  # −y log σ(z) − (1 − y) log(1 − σ(z)) = log(1 + e^z) − y z
+        return float(np.mean(np.logaddexp(0.0, z[:, 0]) - y * z[:, 0]))
+    if loss == "mse":
+        return float(np.mean((z - y.reshape(z.shape)) ** 2))
+    raise ValueError(loss)
 
 
 def ort_logits(built: Built, x: np.ndarray) -> np.ndarray:
@@ -465,11 +492,8 @@ class Oracle:
             return np.asarray(ev.run(None, feeds)[0], dtype=np.float64)
         return f
 
-    def loss(self, x, y, overrides: Optional[dict] = None) -> float:
-        z = self.logits(x, overrides)
-        m = z.max(axis=1, keepdims=True)
-        lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
-        return float(np.mean(lse - z[np.arange(len(y)), y]))
+    def loss(self, x, y, overrides: Optional[dict] = None, kind: str = "cross-entropy") -> float:
+        return loss_value(self.logits(x, overrides), y, kind)
 
     def _step(self, name, rel_step):
         theta = self.values[name]
@@ -535,8 +559,9 @@ class Oracle:
         return {name: trace_from_jacobian(self.jacobian(x, name, rel_step), p)
                 for name in self.built.params}
 
-    def loss_second_difference_trace(self, x, y, name: str, rel_step: float = 2.0 ** -12) -> float:
-        """Σ_i ∂²L/∂θ_i² by second central differences of the mean cross-entropy loss.
+    def loss_second_difference_trace(self, x, y, name: str, rel_step: float = 2.0 ** -12,
+                                     kind: str = "cross-entropy") -> float:
+        """Σ_i ∂²L/∂θ_i² by second central differences of the mean loss (``loss_value``).
 
         Only for very small networks; its accuracy is ~1e-7..1e-6 relative, not 1e-12: the
         loss is NOT linear in θ (softmax/log-sum-exp are curved), so the second difference
@@ -545,10 +570,10 @@ class Oracle:
         """
         theta = self.values[name]
         h = self._step(name, rel_step)
-        l0 = self.loss(x, y)
+        l0 = self.loss(x, y, kind=kind)
         total = 0.0
         for i in range(theta.size):
             up, dn, hp, hm = self._perturbed(theta, i, h)
-            lp, lm = self.loss(x, y, {name: up}), self.loss(x, y, {name: dn})
+            lp, lm = self.loss(x, y, {name: up}, kind), self.loss(x, y, {name: dn}, kind)
             total += 2.0 * ((lp - l0) / hp - (l0 - lm) / hm) / (hp + hm)
         return total

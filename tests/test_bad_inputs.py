@@ -125,7 +125,7 @@ def _data(tmp_path, name, **arrays):
     ("non_numeric", lambda t: _data(t, "s", x=np.array([["a"] * 784] * 3)), 'key "x" has non-numeric dtype <U1'),
     ("complex", lambda t: _data(t, "c", x=np.zeros((3, 784), np.complex64)), "non-numeric dtype complex64"),
     ("labels_length", lambda t: _data(t, "l", x=np.zeros((3, 784)), y=np.zeros(4, int)), 'labels "y" have shape (4,)'),
-    ("labels_float", lambda t: _data(t, "f", x=np.zeros((3, 784)), y=np.zeros(3)), "need integers of shape (3,)"),
+    ("labels_float", lambda t: _data(t, "f", x=np.zeros((3, 784)), y=np.zeros(3)), "are floats, not class indices, but the loss is cross-entropy; pass --loss mse"),
     ("labels_negative", lambda t: _data(t, "n", x=np.zeros((3, 784)), y=np.array([0, -1, 2])), "first -1 at sample 1"),
     ("inf_values", lambda t: _data(t, "i", x=np.full((3, 784), np.inf)), "contains 2352 NaN/Inf values (first in sample 0)"),
     ("scalar_x", lambda t: _data(t, "sc", x=np.float64(3.0)), 'key "x" has shape (); need (samples, ...)'),

@@ -81,7 +81,7 @@ def _bad_inputs(tmp_path):
     return [
         (["score", tmp_path / "missing.onnx", "--data", MNIST], "no such model file"),
         (["score", MLP, "--data", tmp_path / "missing.npz"], "no such data file"),
-        (["score", MLP, "--data", MNIST, "--x-key", "images"], 'no key "images" (keys: x_train, y_train, x_test, y_test)'),
+        (["score", MLP, "--data", MNIST, "--x-key", "images"], 'no key "images" (keys: x_train, y_train, x_test, y_test, y_binary_train, y_binary_test)'),
         (["score", MLP, "--data", tmp_path / "pickled.npz"], "holds Python objects"),
         (["score", MLP, "--data", tmp_path / "nan.npz"], "contains 784 NaN/Inf values (first in sample 3)"),
         (["score", MLP, "--data", tmp_path / "shape.npz"], "have shape (27, 27) (729 values) but the model expects (1, 28, 28) (784 values)"),

@@ -176,9 +176,11 @@ def test_refuses_constant_add_after_a_layer_and_unknown_ops():
     with pytest.raises(MinsharpError, match="not positively homogeneous"):
         convert(model(nodes, [const("W1", (3, 3)), const("b1", (3,)), const("c", (3,))], [3]))
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["z1"], name="g1", transB=1),
-             helper.make_node("TopK", ["z1", "k"], ["y", "i"], name="topk")]
+             helper.make_node("TopK", ["z1", "k"], ["v", "i"], name="topk"),
+             helper.make_node("Gemm", ["v", "W2"], ["y"], name="g2", transB=1)]
     with pytest.raises(MinsharpError, match=r'^node "topk" \(TopK\): op type not supported'):
-        convert(model(nodes, [const("W1", (3, 3)), const("k", value=[2], dtype=np.int64)], [3]))
+        convert(model(nodes, [const("W1", (3, 3)), const("k", value=[2], dtype=np.int64),
+                              const("W2", (3, 2))], [3]))
 
 
 def test_refuses_shared_and_computed_weights():

@@ -3,13 +3,13 @@
 One converter per ONNX op type, registered in ``CONVERTERS``; nodes whose inputs are all
 constants are folded (shape arithmetic such as Shape → Gather → Unsqueeze → Concat, the
 batch dimension carried as a symbolic marker) with onnx's reference evaluator. The data path
-must be a chain from the single graph input to the logits; a trailing Softmax, LogSoftmax,
-ArgMax, Cast or ZipMap is post-processing and is stripped. Anything else is refused with
-one line that names the node, its op type and the reason.
+must be a chain from the single graph input to the logits; whatever depends on the logits is
+the head (found structurally, ``head.py``), stripped and reported, and it suggests the loss.
+Anything else is refused with one line that names the node, its op type and the reason.
 
 Layout: ``context.py`` (conversion state, the converter registry and shared checks), one
 module per op family (``dense``, ``spatial``, ``activation``, ``shape``, ``elementwise``),
-``graph.py`` (the driver) and ``reader.py`` (safe file reading).
+``head.py`` (the head), ``graph.py`` (the driver) and ``reader.py`` (safe file reading).
 """
 
 from . import activation, dense, elementwise, shape, spatial  # noqa: F401  (registers the converters)

@@ -22,8 +22,6 @@ MIN_OPSET = 9
 #: Stands for the unknown batch size inside folded shape arithmetic.
 BATCH = 2 ** 40 + 1
 
-#: Ops that may follow the logits (post-processing); Identity may also appear among them.
-POSTPROCESSING = {"Softmax", "LogSoftmax", "ArgMax", "Cast", "ZipMap"}
 NOT_HOMOGENEOUS = {
     "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid",
     "HardSwish", "Mish", "Exp", "Log", "Erf", "Sqrt", "Pow", "Clip", "ThresholdedRelu",
@@ -55,8 +53,6 @@ class Context:
     alias: dict[str, str] = field(default_factory=dict)
     layers: list = field(default_factory=list)
     live: str = ""
-    logits: Optional[str] = None
-    post: list[str] = field(default_factory=list)
     used_params: dict[str, str] = field(default_factory=dict)  # initializer → node
 
     def canonical(self, name: str) -> str:
@@ -105,9 +101,6 @@ def data_input(node, ctx) -> str:
         raise fail(node, "combines two computed tensors (a residual connection or branch); "
                           "only chain networks are supported")
     name = ctx.canonical(data[0])
-    if ctx.logits is not None:
-        raise fail(node, "follows post-processing of the logits; only Softmax, LogSoftmax, "
-                          "ArgMax, Cast or ZipMap may come after the last layer")
     if name != ctx.live:
         raise fail(node, f'reads "{data[0]}", which already feeds another node: branches '
                           "are not supported, only chain networks")

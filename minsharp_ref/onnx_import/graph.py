@@ -1,5 +1,5 @@
-"""The conversion driver: walks the graph in order, folds constant subgraphs, dispatches
-every data node to its converter and strips the post-processing after the logits."""
+"""The conversion driver: finds the head (head.py), walks the graph in order, folds constant
+subgraphs and dispatches every data node before the head to its converter."""
 
 from __future__ import annotations
 
@@ -12,19 +12,8 @@ from onnx import numpy_helper
 from .. import ir
 from ..errors import MinsharpError, first_line
 from .context import (CONVERTERS, FLOAT_TYPES, MAX_PARAMETERS, MIN_OPSET, NORMALISATION,
-                      NOT_HOMOGENEOUS, POSTPROCESSING, Context, attrs, data_input, fail)
-
-
-def _postprocess(node, ctx):
-    x = ctx.canonical(next(n for n in node.input if ctx.is_data(n)))
-    if ctx.logits is None:
-        if x != ctx.live:
-            raise fail(node, f'reads "{x}", which is not the end of the chain')
-        ctx.logits = x
-    ctx.post.append(f"{node.op_type} ({node.name or node.output[0]})")
-    for out in node.output:
-        if out:
-            ctx.shapes[out] = ()  # post-processed: no longer part of the network
+                      NOT_HOMOGENEOUS, Context, attrs, data_input, fail)
+from .head import find_head
 
 
 # ------------------------------------------------------------------------------ driver
@@ -149,12 +138,16 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     ctx.shapes[inp.name] = tuple(per_sample)
     ctx.live = inp.name
     node_names = set()
-    consumers = _consumers(graph)
     allowed_domains = {"", "ai.onnx", "ai.onnx.ml"}
-    for node in _needed_nodes(graph):
+    needed = _needed_nodes(graph)
+    head = find_head(needed, inp.name, [o.name for o in graph.output])
+    stripped = {id(n) for n in head.nodes}
+    for node in needed:
         if node.name and node.name in node_names:
             raise MinsharpError(f'node name "{node.name}" is used twice')
         node_names.add(node.name)
+        if id(node) in stripped:
+            continue  # the head: not run (head.py)
         if node.domain not in allowed_domains:
             raise fail(node, f"custom domain {node.domain!r} is not supported")
         data_in = [n for n in node.input if ctx.is_data(n)]
@@ -162,12 +155,6 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
             if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"):
                 raise fail(node, "random values make the network non-deterministic")
             _fold(node, ctx, model.opset_import)
-            continue
-        if ctx.logits is not None or (node.op_type in POSTPROCESSING and _is_tail(node, consumers)):
-            if node.op_type not in POSTPROCESSING | {"Identity"}:
-                raise fail(node, "follows post-processing of the logits; only Softmax, "
-                                  "LogSoftmax, ArgMax, Cast or ZipMap may come after the last layer")
-            _postprocess(node, ctx)
             continue
         if node.op_type == "Cast":
             to = attrs(node).get("to")
@@ -189,41 +176,18 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
                                   "networks are supported")
             raise fail(node, "op type not supported between parameterised layers")
         fn(node, ctx)
-    logits = ctx.logits or ctx.live
-    if not ctx.has_params:
-        raise MinsharpError("the network has no parameterised layer (Gemm, MatMul, Conv)")
-    if ctx.logits is None and logits not in {ctx.canonical(o.name) for o in graph.output}:
-        raise MinsharpError(f'the end of the chain "{logits}" is not a graph output')
+    logits = ctx.canonical(head.logits)
+    if logits != ctx.live:
+        raise MinsharpError(f'the logits "{head.logits}" are not the end of the chain "{ctx.live}"')
     shape = ctx.shapes[logits]
-    if len(shape) != 1 or shape[0] < 2:
+    if len(shape) != 1:
         raise MinsharpError(f'the logits "{logits}" have per-sample shape {shape}; need '
-                            "(classes,) with at least 2 classes")
+                            "(outputs,)")
+    loss = head.loss_kind(shape[0])
+    if loss == "cross-entropy" and shape[0] < 2:
+        raise MinsharpError(f'the logits "{logits}" have a single output; cross-entropy needs '
+                            "at least 2 classes")
     # layers after the last parameterised one must be shape-only or piecewise linear
     elem = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     return ir.Network(tuple(ctx.layers), inp.name, tuple(per_sample), np.dtype(elem), logits,
-                      graph.output[0].name, opset, tuple(ctx.post))
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name → the nodes that read it."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return consumers
-
-
-def _is_tail(node, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
-    """True when a Softmax/LogSoftmax/ArgMax/Cast/ZipMap starts post-processing: nothing but
-    more post-processing depends on its output."""
-    stack, seen = list(node.output), set()
-    while stack:
-        name = stack.pop()
-        for c in consumers.get(name, []):
-            if id(c) in seen:
-                continue
-            seen.add(id(c))
-            if c.op_type not in POSTPROCESSING | {"Identity"}:
-                return False
-            stack.extend(c.output)
-    return True
+                      graph.output[0].name, opset, head.describe(), loss)
