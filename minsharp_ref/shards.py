@@ -1,11 +1,12 @@
-"""Shards: a scoring run split into ranges of consecutive samples.
+"""Shards: a scoring run split into ranges of consecutive samples (docs/method.md
+section 7, "Shards").
 
-Every quantity of the report is a sum over samples (docs/method.md section 8): the
-per-tensor traces v, their outer products v vᵀ for the standard errors, the loss, the
-correct predictions and the Hessian diagonal. ``score_shard`` scores one range of samples
-and returns these float64 sums (an ``EngineRun``); ``merge`` adds the shards' sums in shard
-order. A local run is ``score_shard`` over the whole range; a Dask run
-(``minsharp_ref.distributed``) is the same function over each shard, on the workers.
+Every quantity of the report is a sum over samples: the per-tensor traces v, their outer
+products v vᵀ for the standard errors (section 6), the loss, the correct predictions and
+the Hessian diagonal. ``score_shard`` scores one range of samples and returns these float64
+sums (an ``EngineRun``); ``merge`` adds the shards' sums in shard order. A local run is
+``score_shard`` over the whole range; a Dask run (``minsharp_ref.distributed``) is the same
+function over each shard, on the workers.
 """
 
 from __future__ import annotations
