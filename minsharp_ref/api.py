@@ -18,6 +18,7 @@ from .ir import Network
 from .onnx_import import ImportedModel, import_model
 from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, make_forward
 from .sharpness import minimum_sharpness
+from .trace_graph.memory import graph_bytes_per_sample
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
 DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
@@ -26,6 +27,13 @@ DEFAULT_BATCH_BYTES = 128 * 1024 ** 2  # per batch, for the default batch size
 #: Samples of the first batch on which the IR and onnxruntime logits are compared.
 FIDELITY_SAMPLES = 64
 PRECISIONS = {"float64": np.float64, "float32": np.float32}
+ENGINES = ("numpy", "onnxruntime")
+#: default precision per engine: the reference in float64, the fast engine in float32
+DEFAULT_PRECISION = {"numpy": "float64", "onnxruntime": "float32"}
+#: Samples of the first batch that the float64 NumPy engine re-scores to certify a fast run,
+#: and the largest relative deviation of a per-tensor trace it accepts (``engine_check``).
+ENGINE_CHECK_SAMPLES = 64
+ENGINE_CHECK_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ class ScoreResult:
     model: dict
     data: dict
     provider: str
+    engine: str
+    precision: str
+    engine_check: Optional[dict]
     layers: tuple[LayerResult, ...]
     trace: float
     trace_stderr: float
@@ -135,22 +146,26 @@ class TraceSums:
 
 
 def batch_size_for(network: Network, memory_budget: int, requested: Optional[int],
-                   precision: str = "float64") -> int:
+                   precision: str = "float64", engine: str = "numpy") -> int:
     """The requested batch size, lowered so that the ENGINE_WORKERS batches in flight fit
-    the budget together. By default, at most 256 samples and about DEFAULT_BATCH_BYTES of
-    engine memory per batch: small batches stay in cache (LeNet: ~40 samples)."""
+    the budget together. By default, at most 256 samples, and for the NumPy engine about
+    DEFAULT_BATCH_BYTES of engine memory per batch: small batches stay in cache (LeNet: ~40
+    samples). The trace graph runs faster on large batches: as many as fit (LeNet: ~80 at
+    1 GiB)."""
     if requested is not None and requested < 1:
         raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
     itemsize = np.dtype(PRECISIONS.get(precision, np.float64)).itemsize
-    per_sample = bytes_per_sample(network, itemsize) * ENGINE_WORKERS
+    per_sample = (bytes_per_sample(network, itemsize) if engine == "numpy"
+                  else graph_bytes_per_sample(network, itemsize)) * ENGINE_WORKERS
     if per_sample > memory_budget:
         raise MinsharpError(f"one sample in each of the {ENGINE_WORKERS} engine workers needs "
                             f"about {per_sample / 2 ** 20:.1f} MiB, more than --memory-budget "
                             f"({memory_budget / 2 ** 20:.1f} MiB)")
     fit = memory_budget // per_sample
-    default = max(1, min(DEFAULT_BATCH_SIZE, DEFAULT_BATCH_BYTES * ENGINE_WORKERS // per_sample))
+    cache_sized = DEFAULT_BATCH_BYTES * ENGINE_WORKERS // per_sample if engine == "numpy" else fit
+    default = max(1, min(DEFAULT_BATCH_SIZE, cache_sized))
     return int(min(requested or default, fit))
 
 
@@ -165,6 +180,9 @@ class EngineRun:
     diagonal_sum: Optional[dict] = None  # initializer name → Σ over samples of diag H
     per_sample: Optional[np.ndarray] = None  # (N, tensors), columns of tensor_columns
     warnings: list = field(default_factory=list)
+    engine: str = "numpy"
+    precision: str = "float64"  # what actually ran
+    engine_check: Optional[dict] = None  # the fast engine's certification
 
     @property
     def diagonal(self) -> Optional[dict]:
@@ -190,11 +208,13 @@ class _Batch:
 
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
-                precision: str = "float64", check: bool = True, diagonal: bool = False,
-                per_sample: bool = False, first_sample: int = 0,
-                threads: int = ENGINE_WORKERS) -> EngineRun:
-    """Run forward + engine over batches, ``threads`` batches at a time, and accumulate
-    the results in float64 in batch order (the result does not depend on ``threads``).
+                precision: Optional[str] = None, check: bool = True, diagonal: bool = False,
+                per_sample: bool = False, engine: str = "numpy", first_sample: int = 0,
+                threads: Optional[int] = None) -> EngineRun:
+    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA; at
+    most ``threads``), and accumulate the results in float64 in batch order (the result does
+    not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
+    certified on its first samples by the float64 NumPy engine (``certify``).
     ``first_sample``: the index of the first sample in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -202,31 +222,47 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     from threadpoolctl import threadpool_limits
 
     network = imported.network
+    if engine not in ENGINES:
+        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    precision = precision or DEFAULT_PRECISION[engine]
     if precision not in PRECISIONS:
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
-    dtype = PRECISIONS[precision]
-    signal_network = network if dtype == np.float64 else network.astype(dtype)
-    forward = make_forward(imported.proto, network, provider, threads=1)
+    if engine == "onnxruntime":
+        from .trace_graph.runner import TraceGraphRunner
 
-    def job(x: np.ndarray) -> _Batch:
-        t0 = time.perf_counter()
-        logits, inputs = forward(x)
-        if not np.all(np.isfinite(logits)):
-            return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
-        t1 = time.perf_counter()
-        traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
-            if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
-        return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
+        runner = TraceGraphRunner(network, provider, precision, diagonal)
+        provider_used, precision, workers = runner.provider, runner.precision, runner.workers
+
+        def job(x: np.ndarray) -> _Batch:
+            t0 = time.perf_counter()
+            traces, logits, diag = runner(x)
+            return _Batch(x, logits, traces, diag, (0.0, time.perf_counter() - t0))
+    else:
+        dtype = PRECISIONS[precision]
+        signal_network = network if dtype == np.float64 else network.astype(dtype)
+        forward = make_forward(imported.proto, network, provider, threads=1)
+        provider_used, workers = forward.name, ENGINE_WORKERS
+
+        def job(x: np.ndarray) -> _Batch:
+            t0 = time.perf_counter()
+            logits, inputs = forward(x)
+            if not np.all(np.isfinite(logits)):
+                return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
+            t1 = time.perf_counter()
+            traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
+                if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
+            return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
 
     sums = TraceSums(len(tensor_columns(network)))
     t_forward = t_engine = 0.0
-    fidelity = None
+    fidelity = engine_check = None
     diag_sums: Optional[dict] = None
     rows = []
-    warnings = []
+    held: list = []  # the first samples and their fast traces, for the engine check
+    warnings = [runner.warning] if engine == "onnxruntime" and runner.warning else []
 
     def consume(batch: _Batch):
-        nonlocal fidelity, check, diag_sums, t_forward, t_engine
+        nonlocal fidelity, check, diag_sums, t_forward, t_engine, engine_check
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
             raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
@@ -235,10 +271,15 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             m = FIDELITY_SAMPLES
             try:
                 fidelity = check_fidelity(imported.proto, network, batch.x[:m],
-                                          None if forward.name == "numpy" else batch.logits[:m])
+                                          batch.logits[:m] if provider_used != "numpy" and
+                                          engine == "numpy" else None)
             except OrtUnavailable as exc:  # only reachable on the numpy path
                 warnings.append(f"import fidelity not checked: {exc}")
             check = False
+        if engine == "onnxruntime" and engine_check is None and np.all(np.isfinite(batch.traces)):
+            held.append((batch.x, batch.traces))  # until ENGINE_CHECK_SAMPLES are held
+            if sum(len(x) for x, _ in held) >= ENGINE_CHECK_SAMPLES:
+                engine_check = certify(network, *map(np.concatenate, zip(*held)))
         if not np.all(np.isfinite(batch.traces)):
             raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
                                 f"{first_sample + sums.n}")
@@ -258,19 +299,46 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         if progress:
             progress(len(batch.x))
 
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+    if threads is not None:
+        workers = min(workers, threads)
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for x in xs:
             pending.append(pool.submit(job, x))
-            if len(pending) >= threads:
+            if len(pending) >= max(workers, 2):  # the next batch is read while one runs
                 consume(pending.popleft().result())
         while pending:
             consume(pending.popleft().result())
     if sums.n == 0:
         raise MinsharpError("no samples to score")
+    if engine == "onnxruntime" and engine_check is None:  # fewer samples than the check takes
+        engine_check = certify(network, *map(np.concatenate, zip(*held)))
     return EngineRun(
-        sums, forward.name, fidelity, {"forward_s": t_forward, "engine_s": t_engine}, diag_sums,
-        np.concatenate(rows) if per_sample else None, warnings)
+        sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
+        diag_sums,
+        np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
+
+
+def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
+    """The fast engine's certificate: its first ENGINE_CHECK_SAMPLES samples re-scored by
+    the float64 NumPy engine; the largest relative deviation of a per-tensor trace (mean
+    over those samples), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
+    whose reference trace is 0 counts its absolute deviation relative to the total)."""
+    m = ENGINE_CHECK_SAMPLES
+    logits, inputs = network.forward(x[:m], keep_inputs=True)
+    ref = per_sample_traces(network, inputs, logits).mean(axis=0)
+    fast = traces[:m].mean(axis=0)
+    scale = np.where(ref != 0, np.abs(ref), max(float(np.abs(ref).sum()), np.finfo(float).tiny))
+    deviation = float(np.max(np.abs(fast - ref) / scale))
+    # rounded to 2 significant digits: a diagnostic that must not depend on thread timing
+    deviation = float(f"{deviation:.2g}")
+    if not deviation <= ENGINE_CHECK_RTOL:
+        raise MinsharpError(f"engine check failed: the onnxruntime engine's per-tensor traces "
+                            f"differ from the float64 NumPy engine's by {deviation:.3g} "
+                            f"(relative, on the first {min(m, len(x))} samples; "
+                            f"tolerance {ENGINE_CHECK_RTOL:g}); use --engine numpy")
+    return {"max_relative_deviation": deviation, "samples": int(min(m, len(x))),
+            "tolerance": ENGINE_CHECK_RTOL}
 
 
 def loss_and_correct(logits: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, int]:
@@ -389,11 +457,11 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           y_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
           std: Optional[Sequence[float]] = None, limit: Optional[int] = None,
           batch_size: Optional[int] = None, provider: str = "auto",
-          memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "float64",
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: Optional[str] = None,
           diagonal: bool = False, per_sample: bool = False, measures: bool = False,
           input_shape: Optional[Sequence[int]] = None, loss: Optional[str] = None,
           progress: Optional[Callable[[int], None]] = None,
-          on_start: Optional[Callable[[int], None]] = None,
+          on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy",
           client=None, shard_size: Optional[int] = None,
           scatter_data: bool = False) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
@@ -403,10 +471,13 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
     attribute holds each sample's trace contributions (initializer name → (N,), and
     ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
-    at α*. ``loss`` ("cross-entropy", "binary" or "mse") overrides the loss the model's
-    head suggests. With a Dask ``client`` (``distributed.Client``) the samples are scored in
-    shards of ``shard_size`` consecutive samples on its workers (docs/dask.md); without one,
-    in this process (in one piece, or shard by shard when ``shard_size`` is given). Raises
+    at α*. ``engine``: "numpy" (the float64 reference, default) or "onnxruntime" (the trace
+    graph, float32 unless ``precision="float64"``, certified against the reference on the
+    first 64 samples); ``precision`` defaults to the engine's. ``loss`` ("cross-entropy",
+    "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
+    (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
+    samples on its workers (docs/dask.md); without one, in this process (in one piece, or
+    shard by shard when ``shard_size`` is given). Raises
     ``MinsharpError`` on bad input.
     """
     from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
@@ -420,11 +491,14 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     dataset = open_dataset(data, split, x_key, y_key, limit)
     dataset.close()
     prep = Preprocessing(mean, std)
-    bs = batch_size_for(network, memory_budget, batch_size, precision)
+    if engine not in ENGINES:
+        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    precision = precision or DEFAULT_PRECISION[engine]
+    bs = batch_size_for(network, memory_budget, batch_size, precision, engine)
     path = dataset.path if client is None else dataset.path.resolve()  # workers' cwd may differ
     spec = DataSpec(str(path), split, dataset.x_key, dataset.y_key, limit, prep, bs)
     options = {"provider": provider, "precision": precision, "diagonal": diagonal or measures,
-               "per_sample": per_sample}
+               "per_sample": per_sample, "engine": engine}
     samples = dataset.samples
     default = bs * SHARD_BATCHES if client is not None else samples
     ranges = shard_ranges(samples, default if shard_size is None else shard_size)
@@ -441,7 +515,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     sums = run.sums
     data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
                  "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
-                 "batch_size": min(bs, sums.n), "precision": precision}
+                 "batch_size": min(bs, sums.n), "precision": run.precision}
     summary = summarise(imported, sums, dataset.y is not None)
     timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
     per_sample_dict = None
@@ -453,7 +527,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         model={"path": str(imported.path), "sha256": imported.sha256, "opset": network.opset,
                "input": network.input_name, "input_shape": list(network.input_shape),
                "logits": network.logits_name, "classes": network.num_classes},
-        data=data_info, provider=run.provider, layers=tuple(summary.layers), trace=summary.trace,
+        data=data_info, provider=run.provider, engine=run.engine, precision=run.precision,
+        engine_check=run.engine_check, layers=tuple(summary.layers), trace=summary.trace,
         trace_stderr=summary.trace_stderr, minimum_sharpness=summary.minimum_sharpness,
         minimum_sharpness_stderr=summary.minimum_sharpness_stderr, solver=summary.solver,
         loss=summary.loss, accuracy=summary.accuracy, postprocessing=network.postprocessing,
@@ -466,7 +541,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
 
 
 def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000,
-                 precision: str = "float64", loss: Optional[str] = None):
+                 precision: Optional[str] = None, engine: str = "numpy",
+                 loss: Optional[str] = None):
     """Score an in-memory input array already preprocessed and in the model's input shape
     (N, *input_shape). ``model`` is an .onnx path, a ModelProto or an ImportedModel;
     ``loss`` overrides the loss the head suggests.
@@ -488,6 +564,6 @@ def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: i
         raise MinsharpError(f"input of shape {x.shape}; the model expects (N, "
                             f"{', '.join(map(str, imported.network.input_shape))})")
     xs = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
-    run = traces_over(imported, xs, None, provider, precision=precision)
+    run = traces_over(imported, xs, None, provider, precision=precision, engine=engine)
     summary = summarise(imported, run.sums, False)
     return summary.layers, summary.trace, summary.minimum_sharpness

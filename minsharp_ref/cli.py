@@ -106,7 +106,7 @@ def score(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default: up to 256, about 128 MiB of engine memory; lowered to fit --memory-budget)."),
     memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for the trace engine (both batches in flight), e.g. 512M, 2G."),
     provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
-    precision: str = typer.Option("float64", help="Precision of the back-propagated signals: float64 (reference) or float32 (faster on conv nets; sums stay float64)."),
+    precision: Optional[str] = typer.Option(None, help="Precision of the back-propagated signals: float64 (reference) or float32 (sums stay float64). Default: float64 for --engine numpy, float32 for --engine onnxruntime."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
     diag_path: Optional[Path] = typer.Option(None, "--diag", help="Write the exact Hessian diagonal of every parameter tensor (.npz keyed by initializer name, float64)."),
     per_sample_path: Optional[Path] = typer.Option(None, "--per-sample", help="Write each sample's trace contributions (.npz keyed by initializer name, plus 'trace')."),
@@ -122,6 +122,7 @@ def score(
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Count only worsenings beyond K standard errors of the difference."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests; see docs/exporting.md)."),
+    engine: str = typer.Option("numpy", "--engine", help="numpy (float64 reference, default) | onnxruntime (the trace graph on --provider's device, float32 unless --precision float64; certified on 64 samples)."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 8 batches; without: one shard)."),
     scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),
@@ -162,8 +163,8 @@ def score(
                                memory_budget=parse_bytes(memory_budget), precision=precision,
                                diagonal=diag_path is not None, per_sample=per_sample_path is not None,
                                measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                               loss=loss, progress=progress, on_start=on_start, client=client,
-                               shard_size=shard_size, scatter_data=scatter_data)
+                               loss=loss, progress=progress, on_start=on_start, engine=engine,
+                               client=client, shard_size=shard_size, scatter_data=scatter_data)
         doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
                                      sigma, max_sharpness))
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
@@ -410,6 +411,33 @@ def verify(
                    "rows": [r.__dict__ for r in rows], "passed": not failed}
             write_atomically(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         return 1 if failed else 0
+
+    run_guarded(debug, body)
+
+
+@app.command("export-trace-graph")
+def export_trace_graph(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the trace graph (.onnx)."),
+    precision: str = typer.Option("float32", help="float32 or float64 (every tensor of the graph)."),
+    diag: bool = typer.Option(False, "--diag", help="Also output the batch sums of the exact Hessian diagonal of every parameter tensor."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Write the trace graph of MODEL: the exact per-sample Hessian-trace computation as one
+    ONNX graph that any ONNX runtime can run (docs/trace-graph.md)."""
+
+    def body() -> int:
+        from .onnx_import import import_model
+        from .trace_graph.export import trace_graph_bytes
+
+        check_output_dir(output)
+        imported = import_model(model, _ints(input_shape, "--input-shape"))
+        data = trace_graph_bytes(imported.network, precision, diag)
+        write_atomically(output, data)
+        typer.echo(f"wrote {output} ({len(data) / 2 ** 20:.1f} MiB, {precision}"
+                   f"{', with the Hessian diagonal' if diag else ''}; passes onnx.checker full check)")
+        return 0
 
     run_guarded(debug, body)
 

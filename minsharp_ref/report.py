@@ -180,6 +180,14 @@ def _stderr(value: Optional[float]) -> str:
     return "nan" if value is None else f"{value:.2g}"
 
 
+def engine_line(doc: dict) -> str:
+    """The onnxruntime engine and its certification against the float64 NumPy engine."""
+    check = doc["engine_check"]
+    return (f"engine: {doc['engine']} ({doc['provider']}, {doc['precision']}); engine check "
+            f"{check['max_relative_deviation']:.2g} against the float64 NumPy engine on "
+            f"{check['samples']} samples (tolerance {check['tolerance']:g})")
+
+
 def score_blocks(doc: dict) -> list[Block]:
     """The ``score`` report (docs/cli.md, Output), with the comparison with ``baseline`` and
     the ``gates`` when the document has them. Warnings are not part of it: they go to
@@ -195,6 +203,8 @@ def score_blocks(doc: dict) -> list[Block]:
     blocks.append(f"forward: {doc.get('provider')}; import fidelity {checked} "
                   f"(tolerance {fidelity.get('tolerance', math.nan):g})")
     blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
+    if doc.get("engine_check"):
+        blocks.append(engine_line(doc))
     if doc.get("distributed"):
         dist = doc["distributed"]
         blocks.append(f"dask: {dist['workers']} workers at {dist['scheduler']}, {dist['shards']} "
@@ -272,7 +282,8 @@ def score_markdown(doc: dict) -> str:
     prep = "; ".join(d.get("preprocessing", [])) or "no preprocessing"
     keys = ", ".join(k for k in (d.get("x_key"), d.get("y_key")) if k)
     lines.append(f"Data `{d['path']}` [{keys}], {d['samples']} samples; {prep}. Forward: "
-                 f"{doc.get('provider')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`.")
+                 f"{doc.get('provider')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`."
+                 + (f" E{engine_line(doc)[1:]}." if doc.get("engine_check") else ""))
     lines.append("")
     ms_se, trace_se = doc.get("minimum_sharpness_stderr"), doc.get("trace_stderr")
     values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(ms_se)}",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -27,49 +29,84 @@ class OrtUnavailable(MinsharpError):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Silence native-library logging on file descriptor 2 (CUDA probe error spam)."""
+def _quiet_stderr(capture: Optional[list] = None):
+    """Silence native-library logging on file descriptor 2 (CUDA probe error spam); with
+    ``capture``, also file descriptor 1, and append what was written to the list."""
+    fds = (1, 2) if capture is not None else (2,)
     try:
-        fd = os.dup(2)
+        saved = [os.dup(fd) for fd in fds]
     except OSError:
         yield
         return
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
+    with tempfile.TemporaryFile("w+b") as sink:
+        for fd in fds:
+            os.dup2(sink.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(fd, 2)
-            os.close(fd)
+            for fd, old in zip(fds, saved):
+                os.dup2(old, fd)
+                os.close(old)
+            if capture is not None:
+                sink.seek(0)
+                capture.append(sink.read().decode("utf-8", "replace"))
 
 
 _CUDA_USABLE: Optional[bool] = None
+_CUDA_PROBLEM = ""
 
 
 def cuda_usable() -> bool:
-    """Whether onnxruntime's CUDA provider really loads: builds a one-node session with it,
-    with the native logging silenced, and checks that CUDA is what the session got."""
-    global _CUDA_USABLE
+    """Whether onnxruntime's CUDA provider really loads: preloads the CUDA/cuDNN libraries
+    of NVIDIA's pip wheels (``onnxruntime.preload_dlls``, where it exists), builds a one-node
+    session with the provider, with the native logging captured, and checks that CUDA is
+    what the session got. ``cuda_problem`` says why not."""
+    global _CUDA_USABLE, _CUDA_PROBLEM
     if _CUDA_USABLE is None:
         import onnxruntime as ort
 
         _CUDA_USABLE = False
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-            y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-            graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-            model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
-            options = ort.SessionOptions()
-            options.log_severity_level = 4
-            try:
-                with _quiet_stderr():
-                    session = ort.InferenceSession(model.SerializeToString(), options,
-                                                   providers=["CUDAExecutionProvider"])
-                    session.run(None, {"x": np.ones(1, np.float32)})
-                _CUDA_USABLE = session.get_providers()[0] == "CUDAExecutionProvider"
-            except Exception:
-                _CUDA_USABLE = False
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            _CUDA_PROBLEM = "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+            return False
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        log: list[str] = []
+        try:
+            with _quiet_stderr(capture=log):
+                if hasattr(ort, "preload_dlls"):
+                    ort.preload_dlls()
+                session = ort.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CUDAExecutionProvider"])
+                session.run(None, {"x": np.ones(1, np.float32)})
+            _CUDA_USABLE = session.get_providers()[0] == "CUDAExecutionProvider"
+        except Exception as exc:
+            log.append(str(exc))
+        if not _CUDA_USABLE:
+            _CUDA_PROBLEM = missing_library("\n".join(log))
     return _CUDA_USABLE
+
+
+def missing_library(log: str) -> str:
+    """The first shared library that onnxruntime's log says could not be loaded."""
+    found = re.search(r"([\w.+-]+\.(?:so(?:\.\d+)*|dll))\W+cannot open shared object file", log) \
+        or re.search(r"(lib[\w+-]+\.so(?:\.\d+)*|\w+64_\d+\.dll)", log)
+    return f"missing {found.group(1)}" if found else "the provider failed to initialise"
+
+
+def cuda_problem() -> str:
+    """Why the CUDA provider does not load, for the one-line error of --provider cuda."""
+    return _CUDA_PROBLEM
+
+
+def cuda_error() -> MinsharpError:
+    return MinsharpError(f"--provider cuda: onnxruntime's CUDA provider does not load on this "
+                         f"machine ({cuda_problem()}); install NVIDIA's CUDA and cuDNN "
+                         f"libraries with: pip install 'minsharp-ref[cuda]'")
 
 
 class NumpyForward:
@@ -135,7 +172,7 @@ def make_forward(proto: onnx.ModelProto, network: Network, provider: str, thread
     if provider == "numpy":
         return NumpyForward(network)
     if provider == "cuda" and not cuda_usable():
-        raise MinsharpError("--provider cuda: onnxruntime's CUDA provider does not load on this machine")
+        raise cuda_error()
     if provider == "auto":
         provider = "cuda" if cuda_usable() else "cpu"
     return OrtForward(proto, network, provider, threads)

@@ -71,7 +71,8 @@ def score_shard(model: ImportedModel, spec: DataSpec, start: int, stop: int, opt
 
 def merge(runs: list[EngineRun]) -> EngineRun:
     """The shards' results added in shard order (a single shard is returned as it is).
-    The forward and fidelity are shard 0's; a warning says when shards used different
+    The forward, fidelity and engine check are shard 0's (every shard of the onnxruntime
+    engine certifies its own first samples); a warning says when shards used different
     forwards (a mixed cluster)."""
     if len(runs) == 1:
         return runs[0]
@@ -91,5 +92,6 @@ def merge(runs: list[EngineRun]) -> EngineRun:
     if len(providers) > 1:
         counts = ", ".join(f"{p} ({sum(r.provider == p for r in runs)} shards)" for p in providers)
         warnings.append(f"the shards ran on different forwards: {counts}")
-    return EngineRun(sums, runs[0].provider, runs[0].fidelity, timings, diagonal, per_sample,
-                     warnings)
+    first = runs[0]
+    return EngineRun(sums, first.provider, first.fidelity, timings, diagonal, per_sample, warnings,
+                     first.engine, first.precision, first.engine_check)

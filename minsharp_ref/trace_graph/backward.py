@@ -1,0 +1,171 @@
+"""Transport rules: signals at a layer's output, (N, R, *out_shape), to its input, as ONNX
+nodes; one rule per layer type, the same rules as ``engine.backprop`` (docs/method.md,
+"Back-propagating the signals"), applied to all N·R signals at once.
+
+The conv goes back through ConvTranspose; the pooling layers through col2im (ONNX
+Col2Im, the adjoint of im2col): average pooling repeats the spread signal over the kernel
+offsets, max pooling multiplies it by the one-hot arg-max offsets.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+
+import numpy as np
+
+from ..ir import (AvgPool2d, Conv2d, Dense, LayerBase, LeakyRelu, MaxPool2d, Pad2d, Relu,
+                  Reshape, Transpose)
+from ..windows import Geometry
+from .context import Context
+
+
+@singledispatch
+def backward(layer: LayerBase, ctx: Context, g: str) -> str:
+    raise NotImplementedError(type(layer).__name__)
+
+
+def _mask(ctx: Context, g: str, factor: str) -> str:
+    """g · factor, the per-sample factor (N, *shape) broadcast over the R signals."""
+    return ctx.b.node("Mul", [g, ctx.b.node("Unsqueeze", [factor, ctx.b.ints([1])])], "signal")
+
+
+def _to_signals(ctx: Context, maps: str, in_shape: tuple[int, ...]) -> str:
+    """(N·R, *in_shape) maps back to (N, R, *in_shape) signals."""
+    return ctx.b.reshape(maps, (-1, ctx.signals) + tuple(in_shape), "signal")
+
+
+@backward.register
+def _(layer: Relu, ctx, g):
+    """Multiply by 1[u > 0]."""
+    b = ctx.b
+    positive = b.node("Greater", [ctx.input_of(layer), b.const(0.0)])
+    return _mask(ctx, g, b.node("Cast", [positive], to=b.elem))
+
+
+@backward.register
+def _(layer: LeakyRelu, ctx, g):
+    """Multiply by 1 where u > 0, by the slope elsewhere."""
+    b = ctx.b
+    positive = b.node("Greater", [ctx.input_of(layer), b.const(0.0)])
+    return _mask(ctx, g, b.node("Where", [positive, b.const(1.0), b.const(layer.slope)]))
+
+
+@backward.register
+def _(layer: Reshape, ctx, g):
+    """Back to the input's shape."""
+    return _to_signals(ctx, g, ctx.in_shape(layer))
+
+
+@backward.register
+def _(layer: Transpose, ctx, g):
+    """The inverse permutation of the per-sample axes."""
+    inverse = np.argsort(layer.perm)
+    return ctx.b.node("Transpose", [g], "signal", perm=[0, 1] + [int(p) + 2 for p in inverse])
+
+
+def _crop(ctx: Context, g: str, top: int, left: int, h: int, w: int) -> str:
+    """g[..., top:top + h, left:left + w] on the last two axes."""
+    b = ctx.b
+    return b.node("Slice", [g, b.ints([top, left]), b.ints([top + h, left + w]), b.ints([-2, -1])],
+                  "signal")
+
+
+@backward.register
+def _(layer: Pad2d, ctx, g):
+    """Crop the padding away."""
+    _, h, w = ctx.in_shape(layer)
+    return _crop(ctx, g, layer.pads[0], layer.pads[1], h, w)
+
+
+def col2im(ctx: Context, cols: str, geom: Geometry, in_shape: tuple[int, ...],
+           frame: bool = False) -> str:
+    """The adjoint of im2col: columns (M, C·kh·kw, Ho·Wo), rows ordered (c, i, j), added back
+    to the input positions they were read from, what falls on padding dropped: (M, C, H, W).
+    With ``frame`` (or in ceil_mode, whose last windows may overhang the padding) the
+    columns are laid on the padded frame of ``windows.pad_input``, then cropped."""
+    b = ctx.b
+    _, h, w = in_shape
+    attrs = {"strides": list(geom.stride), "dilations": list(geom.dilation)}
+    if not (frame or geom.ceil_mode):
+        return b.node("Col2Im", [cols, b.ints([h, w]), b.ints(geom.kernel)], pads=list(geom.pads),
+                      **attrs)
+    hp, wp = geom.padded_hw((h, w))
+    padded = b.node("Col2Im", [cols, b.ints([hp, wp]), b.ints(geom.kernel)], **attrs)
+    return _crop(ctx, padded, geom.pads[0], geom.pads[1], h, w)
+
+
+@backward.register
+def _(layer: MaxPool2d, ctx, g):
+    """Route each signal to its window's arg-max (first maximum on ties: MaxPool's Indices,
+    flat positions in the padded frame), adding up where overlapping windows share one:
+    the signals times the one-hot arg-max offsets as columns, then col2im."""
+    b = ctx.b
+    geom = layer.geometry
+    c, h, w = ctx.in_shape(layer)
+    _, ho, wo = ctx.out_shape(layer)
+    hp, wp = geom.padded_hw((h, w))
+    kh, kw = geom.kernel
+    position = b.node("Mod", [ctx.routes[layer.output_name], b.ints([hp * wp])])  # in the plane
+    row = b.node("Div", [position, b.ints([wp])])
+    col = b.node("Mod", [position, b.ints([wp])])
+    row0 = b.const((np.arange(ho) * geom.stride[0]).reshape(ho, 1), np.int64)
+    col0 = b.const(np.arange(wo) * geom.stride[1], np.int64)
+    i = b.node("Div", [b.node("Sub", [row, row0]), b.ints([geom.dilation[0]])])
+    j = b.node("Div", [b.node("Sub", [col, col0]), b.ints([geom.dilation[1]])])
+    offset = b.node("Add", [b.node("Mul", [i, b.ints([kw])]), j])  # (N, C, Ho, Wo): i·kw + j
+    offset = b.reshape(offset, (-1, 1, c, 1, ho * wo))
+    one_hot = b.node("Equal", [offset, b.const(np.arange(kh * kw).reshape(kh * kw, 1), np.int64)])
+    mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)  # (N, 1, C, kh·kw, P)
+    cols = b.node("Mul", [b.reshape(g, (-1, ctx.signals, c, 1, ho * wo)), mask])
+    cols = b.reshape(cols, (-1, c * kh * kw, ho * wo))
+    return _to_signals(ctx, col2im(ctx, cols, geom, (c, h, w), frame=True), (c, h, w))
+
+
+@backward.register
+def _(layer: AvgPool2d, ctx, g):
+    """Spread each signal evenly over its window: divide by the window's divisor, repeat
+    over the kh·kw offsets, col2im."""
+    b = ctx.b
+    c, h, w = ctx.in_shape(layer)
+    _, ho, wo = ctx.out_shape(layer)
+    kh, kw = layer.geometry.kernel
+    spread = b.node("Div", [g, b.const(layer.divisor((h, w)))])
+    cols = b.node("Expand", [b.reshape(spread, (-1, c, 1, ho * wo)), b.ints([1, 1, kh * kw, 1])])
+    cols = b.reshape(cols, (-1, c * kh * kw, ho * wo))
+    return _to_signals(ctx, col2im(ctx, cols, layer.geometry, (c, h, w)), (c, h, w))
+
+
+@backward.register
+def _(layer: Dense, ctx, g):
+    """g W: (N·R, out) @ (out, in), one GEMM."""
+    b = ctx.b
+    flat = b.reshape(g, (-1, layer.out_features))
+    return _to_signals(ctx, b.node("MatMul", [flat, ctx.dense_matrix(layer)]), ctx.in_shape(layer))
+
+
+@backward.register
+def _(layer: Conv2d, ctx, g):
+    """The transposed convolution (ConvTranspose with the same kernel, stride, dilation,
+    groups and padding) over all N·R signal maps; output_padding restores the last
+    (H + p_top + p_bottom − d(k − 1) − 1) mod s rows that no window reads. In ceil_mode the
+    signals are laid on the padded frame and cropped."""
+    b = ctx.b
+    geom = layer.geometry
+    in_shape = ctx.in_shape(layer)
+    c, h, w = in_shape
+    maps = b.reshape(g, (-1,) + ctx.out_shape(layer))
+    attrs = {"group": layer.groups, "kernel_shape": list(geom.kernel),
+             "strides": list(geom.stride), "dilations": list(geom.dilation)}
+    if geom.ceil_mode:
+        hp, wp = geom.padded_hw((h, w))
+        extent = [(o - 1) * s + d * (k - 1) + 1 for o, s, d, k in
+                  zip(ctx.out_shape(layer)[1:], geom.stride, geom.dilation, geom.kernel)]
+        frame = b.node("ConvTranspose", [maps, ctx.conv_kernel(layer)], "signal_frame", **attrs)
+        frame = b.node("Pad", [frame, b.ints([0, 0, 0, 0, 0, 0, hp - extent[0], wp - extent[1]])])
+        out = _crop(ctx, frame, geom.pads[0], geom.pads[1], h, w)
+    else:
+        rest = [((h, w)[ax] + geom.pads[ax] + geom.pads[ax + 2]
+                 - geom.dilation[ax] * (geom.kernel[ax] - 1) - 1) % geom.stride[ax] for ax in range(2)]
+        out = b.node("ConvTranspose", [maps, ctx.conv_kernel(layer)], "signal_maps",
+                     pads=list(geom.pads), output_padding=rest, **attrs)
+    return _to_signals(ctx, out, in_shape)

@@ -1,0 +1,35 @@
+"""How much memory one sample of a trace-graph batch needs (for --memory-budget)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine import conv_trace_flops, first_param_index, signal_rows
+from ..ir import AvgPool2d, Conv2d, MaxPool2d, Network
+
+
+def graph_bytes_per_sample(network: Network, itemsize: int = 4) -> int:
+    """Rough peak bytes per sample of the trace graph at ``itemsize`` bytes per element:
+    every forward activation (the graph keeps them for the backward rules), plus at the
+    largest layer the signals on both sides and the temporaries of its rules (the conv's
+    columns Wᵀg and im2col, its trace product or Gram matrices, the pooling columns),
+    with a margin of 1.5 for onnxruntime's buffers that are not reused in place."""
+    k = signal_rows(network)
+    shapes = network.layer_shapes()
+    stored = itemsize * sum(int(np.prod(s)) for s in shapes)
+    peak = 0
+    for i in range(first_param_index(network), len(network.layers)):
+        layer, a, z = network.layers[i], int(np.prod(shapes[i])), int(np.prod(shapes[i + 1]))
+        need = 2 * k * (a + z)
+        if isinstance(layer, Conv2d):
+            q = layer.weight[0].size
+            p = int(np.prod(shapes[i + 1][1:]))
+            flops = conv_trace_flops(layer, shapes[i], k)
+            product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
+                else 2 * layer.groups * p * p
+            need += k * layer.groups * q * p + layer.groups * q * p + product
+        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+            kh, kw = layer.geometry.kernel
+            need += (k + 1) * kh * kw * z  # columns and the arg-max mask
+        peak = max(peak, need * itemsize)
+    return 3 * (stored + peak) // 2

@@ -1,0 +1,97 @@
+"""Running the trace graph: one onnxruntime session per score, reused for every batch
+through I/O binding; provider and precision resolved (and reported) once."""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import numpy as np
+
+from ..api import ENGINE_WORKERS
+from ..errors import MinsharpError, first_line
+from ..ir import Network
+from ..runtime import PROVIDERS, _quiet_stderr, cuda_error, cuda_usable
+from . import DIAGONAL_PREFIX, INPUT, LOGITS, TRACES, build_trace_graph
+from .export import DTYPES
+
+
+def resolve_provider(provider: str) -> str:
+    """--provider for the onnxruntime engine: 'cuda' or 'cpu'."""
+    if provider not in PROVIDERS:
+        raise MinsharpError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "numpy":
+        raise MinsharpError("--provider numpy runs no onnxruntime: use --engine numpy, or "
+                            "--provider auto, cuda or cpu with --engine onnxruntime")
+    if provider == "cuda" and not cuda_usable():
+        raise cuda_error()
+    if provider == "auto":
+        return "cuda" if cuda_usable() else "cpu"
+    return provider
+
+
+class TraceGraphRunner:
+    """The trace graph of a network in one onnxruntime session.
+
+    ``precision`` float64 runs the float64 graph where the provider has a float64 kernel
+    for every op, else the float32 graph (``warning`` says so); ``precision`` is then what
+    actually ran. Calling it on a batch returns (per-sample traces (N, T) float64, logits
+    (N, K) float64, diagonal batch sums or None). It may be called from several threads at
+    once (each gets its own I/O binding): on the CPU, two single-threaded runs side by side
+    beat one run on two threads, whose workers wait for each other after every node.
+    """
+
+    def __init__(self, network: Network, provider: str = "auto", precision: str = "float32",
+                 diagonal: bool = False):
+        import onnxruntime as ort
+
+        if precision not in DTYPES:
+            raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
+        self.provider = resolve_provider(provider)
+        self.network = network
+        self.warning: Optional[str] = None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # CUDA: one run at a time on the device; CPU: one single-threaded run per worker
+        self.workers = 1 if self.provider == "cuda" else ENGINE_WORKERS
+        options.intra_op_num_threads = 0 if self.provider == "cuda" else 1
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
+                     else ["CPUExecutionProvider"])
+        tried = [precision] if precision == "float32" else ["float64", "float32"]
+        for p in tried:
+            self.model = build_trace_graph(network, DTYPES[p], diagonal)
+            try:
+                with _quiet_stderr():
+                    self.session = ort.InferenceSession(self.model.SerializeToString(), options,
+                                                        providers=providers)
+            except Exception as exc:
+                if p == "float32":
+                    raise MinsharpError(f"onnxruntime cannot run the trace graph: "
+                                        f"{first_line(exc)}") from None
+                self.warning = (f"the {self.provider} provider cannot run the trace graph in "
+                                f"float64 ({first_line(exc)}); it ran in float32")
+                continue
+            self.precision = p
+            break
+        self.dtype = DTYPES[self.precision]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.local = threading.local()
+
+    def __call__(self, x: np.ndarray):
+        binding = getattr(self.local, "binding", None)
+        if binding is None:
+            binding = self.local.binding = self.session.io_binding()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input(INPUT, np.ascontiguousarray(x, dtype=self.dtype))
+        for name in self.outputs:
+            binding.bind_output(name)  # on the provider's device; copied below
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise MinsharpError(f"onnxruntime failed on the trace graph: {first_line(exc)}") from None
+        got = dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
+        diagonal = {name[len(DIAGONAL_PREFIX):]: np.asarray(value, np.float64)
+                    for name, value in got.items() if name.startswith(DIAGONAL_PREFIX)}
+        return (np.asarray(got[TRACES], np.float64), np.asarray(got[LOGITS], np.float64),
+                diagonal or None)
