@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import __version__
-from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
+from .data import Preprocessing, open_dataset
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
 from .group import (folded_inputs, folded_view, group_sharpness, log_scale_names,
@@ -75,6 +75,8 @@ class ScoreResult:
     measures: Optional[dict] = None
     #: the loss whose Hessian was traced: "cross-entropy", "binary" or "mse"
     loss_kind: str = "cross-entropy"
+    #: with a Dask client: scheduler, workers, shards, shard_size, seconds (docs/dask.md)
+    distributed: Optional[dict] = field(default=None, compare=False)
     #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
     diagonal: Optional[dict] = field(default=None, repr=False, compare=False)
     #: with ``per_sample=True``: initializer name → (N,) contributions, and "trace"; not in JSON
@@ -129,6 +131,14 @@ class TraceSums:
         self.total += v.sum(axis=0)
         self.outer += v.T @ v
 
+    def merge(self, other: "TraceSums"):
+        """Add another shard's sums (the sums of consecutive samples after these)."""
+        self.n += other.n
+        self.total += other.total
+        self.outer += other.outer
+        self.loss += other.loss
+        self.correct += other.correct
+
     @property
     def mean(self) -> np.ndarray:
         return self.total / self.n
@@ -173,12 +183,18 @@ class EngineRun:
     provider: str
     fidelity: Optional[float]
     timings: dict
-    diagonal: Optional[dict] = None  # initializer name → diag H (mean over samples)
+    diagonal_sum: Optional[dict] = None  # initializer name → Σ over samples of diag H
     per_sample: Optional[np.ndarray] = None  # (N, tensors), columns of tensor_columns
     warnings: list = field(default_factory=list)
     engine: str = "numpy"
     precision: str = "float64"  # what actually ran
     engine_check: Optional[dict] = None  # the fast engine's certification
+
+    @property
+    def diagonal(self) -> Optional[dict]:
+        """Initializer name → diag H (mean over samples)."""
+        return None if self.diagonal_sum is None else \
+            {k: v / self.sums.n for k, v in self.diagonal_sum.items()}
 
 
 #: Batches processed at once, each by one worker thread with single-threaded BLAS (numpy's
@@ -199,10 +215,13 @@ class _Batch:
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
                 precision: Optional[str] = None, check: bool = True, diagonal: bool = False,
-                per_sample: bool = False, engine: str = "numpy") -> EngineRun:
-    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA), and
-    accumulate the results in float64 in batch order. ``engine`` "onnxruntime" runs the
-    trace graph, certified on its first samples by the float64 NumPy engine (``certify``)."""
+                per_sample: bool = False, engine: str = "numpy", first_sample: int = 0,
+                threads: Optional[int] = None) -> EngineRun:
+    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA; at
+    most ``threads``), and accumulate the results in float64 in batch order (the result does
+    not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
+    certified on its first samples by the float64 NumPy engine (``certify``).
+    ``first_sample``: the index of the first sample in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -262,8 +281,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         nonlocal fidelity, check, diag_sums, t_forward, t_engine, engine_check
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
-            raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
-                                "overflows on this input")
+            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
+                                "the network overflows on this input")
         if check:
             m = FIDELITY_SAMPLES
             try:
@@ -278,7 +297,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             if sum(len(x) for x, _ in held) >= ENGINE_CHECK_SAMPLES:
                 engine_check = certify(network, *map(np.concatenate, zip(*held)))
         if not np.all(np.isfinite(batch.traces)):
-            raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
+            raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
+                                f"{first_sample + sums.n}")
         if batch.diagonal is not None:
             diag_sums = batch.diagonal if diag_sums is None else \
                 {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
@@ -295,6 +315,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         if progress:
             progress(len(batch.x))
 
+    if threads is not None:
+        workers = min(workers, threads)
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for x in xs:
@@ -309,7 +331,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         engine_check = certify(network, *map(np.concatenate, zip(*held)))
     return EngineRun(
         sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
-        None if diag_sums is None else {k: v / sums.n for k, v in diag_sums.items()},
+        diag_sums,
         np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
 
 
@@ -487,7 +509,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           diagonal: bool = False, per_sample: bool = False, measures: bool = False,
           input_shape: Optional[Sequence[int]] = None, loss: Optional[str] = None,
           progress: Optional[Callable[[int], None]] = None,
-          on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy") -> ScoreResult:
+          on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy",
+          client=None, shard_size: Optional[int] = None,
+          scatter_data: bool = False) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
@@ -498,9 +522,14 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     at α*. ``engine``: "numpy" (the float64 reference, default) or "onnxruntime" (the trace
     graph, float32 unless ``precision="float64"``, certified against the reference on the
     first 64 samples); ``precision`` defaults to the engine's. ``loss`` ("cross-entropy",
-    "binary" or "mse") overrides the loss the model's head suggests. Raises
+    "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
+    (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
+    samples on its workers (docs/dask.md); without one, in this process (in one piece, or
+    shard by shard when ``shard_size`` is given). Raises
     ``MinsharpError`` on bad input.
     """
+    from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
+
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(
         model, None if input_shape is None else tuple(input_shape))
@@ -510,25 +539,33 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     if measures and (not network.is_chain or network.has_batchnorm):
         raise MinsharpError("--measures supports chain networks without BatchNorm only")
     dataset = open_dataset(data, split, x_key, y_key, limit)
-    try:
-        check_finite(dataset)
-        check_labels(dataset, network.num_classes, network.loss)
-        prep = Preprocessing(mean, std)
-        if engine not in ENGINES:
-            raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-        precision = precision or DEFAULT_PRECISION[engine]
-        bs = batch_size_for(network, memory_budget, batch_size, precision, engine)
-        if on_start:
-            on_start(dataset.samples)
-        run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), dataset.y,
-                          provider, progress, precision, diagonal=diagonal or measures,
-                          per_sample=per_sample, engine=engine)
-        sums = run.sums
-        data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
-                     "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
-                     "batch_size": min(bs, sums.n), "precision": run.precision}
-    finally:
-        dataset.close()
+    dataset.close()
+    prep = Preprocessing(mean, std)
+    if engine not in ENGINES:
+        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    precision = precision or DEFAULT_PRECISION[engine]
+    bs = batch_size_for(network, memory_budget, batch_size, precision, engine)
+    path = dataset.path if client is None else dataset.path.resolve()  # workers' cwd may differ
+    spec = DataSpec(str(path), split, dataset.x_key, dataset.y_key, limit, prep, bs)
+    options = {"provider": provider, "precision": precision, "diagonal": diagonal or measures,
+               "per_sample": per_sample, "engine": engine}
+    samples = dataset.samples
+    default = bs * SHARD_BATCHES if client is not None else samples
+    ranges = shard_ranges(samples, default if shard_size is None else shard_size)
+    if on_start:
+        on_start(samples)
+    distributed = None
+    if client is None:
+        runs = [score_shard(imported, spec, a, b, options, progress=progress) for a, b in ranges]
+    else:
+        from .distributed import run_shards
+
+        runs, distributed = run_shards(client, imported, spec, ranges, options, progress, scatter_data)
+    run = merge(runs)
+    sums = run.sums
+    data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
+                 "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
+                 "batch_size": min(bs, sums.n), "precision": run.precision}
     summary = summarise(imported, sums, dataset.y is not None)
     timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
     per_sample_dict = None
@@ -549,7 +586,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
         loss_kind=network.loss, diagonal=run.diagonal, per_sample=per_sample_dict,
-        classes=tuple(summary.classes), folded=summary.folded)
+        classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)
     return result
 
 

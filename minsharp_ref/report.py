@@ -212,6 +212,10 @@ def score_blocks(doc: dict) -> list[Block]:
     blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
     if doc.get("engine_check"):
         blocks.append(engine_line(doc))
+    if doc.get("distributed"):
+        dist = doc["distributed"]
+        blocks.append(f"dask: {dist['workers']} workers at {dist['scheduler']}, {dist['shards']} "
+                      f"shards of {dist['shard_size']} samples, {dist['seconds']:.3f} s")
     if doc.get("postprocessing"):
         blocks.append(f"scored the logits before the head (stripped): {', '.join(doc['postprocessing'])}")
     folded = doc.get("folded")

@@ -92,8 +92,10 @@ def _newton(t, u, beta):
         rel = float(np.linalg.norm(g) / f)
         step = basis @ np.linalg.lstsq(h, -g, rcond=None)[0]
         decrement = float(-g @ (basis.T @ step))  # Newton decrement²: twice the predicted gain
-        if decrement <= 1e-28 * f:
-            return beta, rel, it, True
+        if decrement <= 1e-20 * f:  # the gain is below F's rounding: polish β with one full
+            f_new, grad_new, _ = _objective(t, u, beta + step)  # step (quadratic convergence)
+            rel_new = float(np.linalg.norm(basis.T @ grad_new) / f_new) if np.isfinite(f_new) else rel
+            return (beta + step, rel_new, it + 1, True) if rel_new < rel else (beta, rel, it, True)
         s = 1.0
         while True:
             candidate = beta + s * step
