@@ -235,7 +235,7 @@ def rescale(
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
-    """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons;
+    """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
     networks with branches or BatchNorm: --random over the group of docs/method.md section 9).
 
     Both models run in onnxruntime on the same batch; nothing is written unless their logits

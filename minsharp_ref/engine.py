@@ -8,7 +8,7 @@ mse: A = 2I/K).
 Back-propagating its rows from the logits gives, at each layer output z_d, signals
 g_k = S_k ∂z/∂z_d, and
 
-    Tr H_dd = (1/N) Σ_n Σ_k ‖g_nk ∂z_d/∂θ_d‖²                      (spec section 2)
+    Tr H_dd = (1/N) Σ_n Σ_k ‖g_nk ∂z_d/∂θ_d‖²                      (docs/method.md section 3)
 
 because the logits are linear in any one parameter tensor once the activation pattern is
 fixed. Two kinds of rule keep apart how signals travel and what is measured (as BackPACK):
@@ -293,8 +293,8 @@ def measure_diagonal(layer: LayerBase, g: np.ndarray, a: np.ndarray):
 
 @measure_diagonal.register
 def _(layer: Dense, g, a):
-    """W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (spec section 2, "Diagonal
-    entries"; times Gemm's alpha², beta²); the per-sample traces are their totals."""
+    """W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (docs/method.md section 12;
+    times Gemm's alpha², beta²); the per-sample traces are their totals."""
     signal = np.einsum("nko,nko->no", g, g, dtype=np.float64)  # (N, out)
     a2 = a.astype(np.float64) ** 2  # (N, in)
     t_w = layer.weight_coef ** 2 * a2.sum(axis=1) * signal.sum(axis=1)

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from .ir import BatchNorm, Conv2d, Dense, InputAffine, Network, is_parameterised
-from .sharpness import MAX_ITERATIONS, minimum_sharpness
+from .sharpness import exponent_terms, minimise_exponential_sum, minimum_sharpness
 
 
 # ----------------------------------------------------------------------------- the group
@@ -124,55 +124,6 @@ class GroupSharpness:
         return np.exp(lout - lin), np.exp(lout)
 
 
-def _exponents(group: Group, t: np.ndarray, u: np.ndarray):
-    """Rows a_j and coefficients c_j of F(ℓ) = Σ_j c_j e^{a_j·ℓ} (terms with c_j > 0)."""
-    m = group.size
-    rows, coefs = [], []
-    for p, (i, o) in enumerate(zip(group.layer_in, group.layer_out)):
-        for value, is_bias in ((t[p], False), (u[p], True)):
-            if value <= 0:
-                continue
-            a = np.zeros(m + 1)  # last entry: the fixed classes, dropped
-            a[o] -= 2.0
-            if not is_bias:
-                a[i] += 2.0
-            rows.append(a[:m])
-            coefs.append(value)
-    return np.array(rows, dtype=np.float64).reshape(len(rows), m), np.array(coefs)
-
-
-def _objective(rows, coefs, ell):
-    with np.errstate(over="ignore", invalid="ignore"):  # a too-long trial step: rejected
-        w = coefs * np.exp(rows @ ell)
-    return w.sum(), rows.T @ w, (rows.T * w) @ rows
-
-
-def _newton(rows, coefs, ell):
-    """Damped Newton with least-squares steps (a singular Hessian: directions on which F is
-    constant, or along which it decays to an unattained infimum). Stops when the Newton
-    decrement is below 1e-28·F or no decrease is representable, as ``sharpness._newton``."""
-    f, grad, hess = _objective(rows, coefs, ell)
-    for it in range(MAX_ITERATIONS):
-        rel = float(np.linalg.norm(grad) / f)
-        step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
-        decrement = float(-grad @ step)
-        if decrement <= 1e-28 * f:
-            return ell, rel, it, True
-        s = 1.0
-        while True:
-            candidate = ell + s * step
-            f_new, grad_new, hess_new = _objective(rows, coefs, candidate)
-            if np.isfinite(f_new) and f_new <= f - 0.25 * s * decrement:
-                break
-            s *= 0.5
-            if s < 1e-12:
-                return ell, rel, it, True
-        if f_new >= f:
-            return ell, rel, it, True
-        ell, f, grad, hess = candidate, f_new, grad_new, hess_new
-    return ell, float(np.linalg.norm(grad) / f), MAX_ITERATIONS, False
-
-
 def group_sharpness(group: Group, t, u, chain_formula: bool = True) -> GroupSharpness:
     """inf_ℓ Σ_p t_p e^{−2(ℓ_out − ℓ_in)} + u_p e^{−2 ℓ_out} (docs/method.md section 9).
 
@@ -191,11 +142,11 @@ def group_sharpness(group: Group, t, u, chain_formula: bool = True) -> GroupShar
         return GroupSharpness(ms.value, ell, ms.method, ms.gradient_norm, ms.iterations,
                               ms.dead_layers, ms.converged)
     dead = tuple(int(i) for i in np.flatnonzero(t == 0))
-    rows, coefs = _exponents(group, t, u)
+    rows, coefs = exponent_terms(group.layer_in, group.layer_out, t, u, group.size)
     if group.size == 0 or coefs.size == 0:
         return GroupSharpness(float(coefs.sum()), () if not dead else None,
                               "dead-layer" if dead else "newton", 0.0, 0, dead)
-    ell, rel, iters, converged = _newton(rows, coefs, np.zeros(group.size))
+    ell, rel, iters, converged = minimise_exponential_sum(rows, coefs, np.zeros(group.size))
     value = float(np.sum(coefs * np.exp(rows @ ell)))
     if dead:
         return GroupSharpness(value, None, "dead-layer", rel, iters, dead, converged)

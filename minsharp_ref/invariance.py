@@ -81,7 +81,7 @@ def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, ch
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
-    """The model with spec section 3 applied (in memory; the proto only where onnxruntime
+    """The model with the α-scale transformation (docs/method.md section 5) applied (in memory; the proto only where onnxruntime
     needs it)."""
     params = alpha_parameters(imported.network, alpha)
     proto = imported.proto if provider == "numpy" else apply_to_proto(imported.proto, params)

@@ -8,7 +8,7 @@ so that the onnxruntime forward can expose exactly the intermediates the engine 
 the ONNX nodes it came from (``nodes``) so that errors can name them. Parameterised layers
 (``Dense``, ``Conv2d``) keep their parameters exactly as the ONNX initializers store them,
 with the initializer names; everything else is a fixed, positively homogeneous operation
-(spec section 1), except ``InputAffine``, a fixed input transform that may only come before
+(docs/method.md section 4), except ``InputAffine``, a fixed input transform that may only come before
 the first parameterised layer.
 
 Shapes here are per sample (no batch axis); arrays passed to ``forward`` carry the batch axis.
@@ -58,7 +58,7 @@ class InputAffine(LayerBase):
 
 @dataclass(frozen=True)
 class Relu(LayerBase):
-    """max(u, 0); back-propagation multiplies by 1[u > 0] (spec section 2)."""
+    """max(u, 0); back-propagation multiplies by 1[u > 0] (docs/method.md section 3)."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)

@@ -1,8 +1,8 @@
-"""Function-preserving rescalings of a network's parameters (spec sections 3 and 5).
+"""Function-preserving rescalings of a network's parameters (docs/method.md sections 5 and 12).
 
-* α-scale transformation (spec section 3): W_d → α_d W_d, b_d → c_d b_d with
+* α-scale transformation (docs/method.md section 5): W_d → α_d W_d, b_d → c_d b_d with
   c_d = Π_{j≤d} α_j and Π_d α_d = 1.
-* Neuron-wise rescaling (spec section 5): unit (or channel) i of layer d gets its incoming
+* Neuron-wise rescaling (docs/method.md section 12): unit (or channel) i of layer d gets its incoming
   weights and bias scaled by γ_{d,i} > 0 and its outgoing weights by 1/γ_{d,i}.
 
 Both positive homogeneity arguments need only that the operations between parameterised
