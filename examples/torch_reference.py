@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Independent PyTorch reference for the per-tensor Hessian traces and diagonals.
 
-Rebuilds an ONNX ReLU network in torch (float64) straight from the ONNX initializers and
+Rebuilds an ONNX ReLU network (a chain, or a residual/DenseNet-style DAG with inference-mode
+BatchNorm) in torch (float64) straight from the ONNX initializers and
 computes, for every parameter tensor θ_d, the exact diagonal Hessian block of the mean
 softmax cross-entropy through per-sample Jacobians (torch.func):
 
@@ -96,12 +97,50 @@ def _attr(a):
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _batchnorm(x, gamma, beta, mean, var, epsilon=1e-5, momentum=0.9, training_mode=0):
+    """Inference-mode BatchNormalization with the stored running statistics."""
+    if training_mode:
+        raise NotImplementedError("BatchNormalization in training mode")
+    return F.batch_norm(x, mean, var, gamma, beta, training=False, eps=epsilon)
+
+
+def _reduce_mean(x, axes=None, keepdims=1, noop_with_empty_axes=0):
+    """ReduceMean with axes as attribute (opset < 18) or input (opset 18+)."""
+    dims = tuple(int(a) for a in (axes.tolist() if torch.is_tensor(axes) else axes))
+    return x.mean(dim=dims, keepdim=bool(keepdims))
+
+
+def _squeeze(x, axes=None):
+    dims = [int(a) for a in (axes.reshape(-1).tolist() if torch.is_tensor(axes) else axes or [])]
+    for d in sorted((d % x.dim() for d in dims), reverse=True):
+        x = x.squeeze(d)
+    return x if dims else x.squeeze()
+
+
+def _constant(value=None, value_int=None, value_ints=None, value_float=None, value_floats=None):
+    if value is not None:
+        return torch.from_numpy(numpy_helper.to_array(value).copy())
+    if value_int is not None or value_ints is not None:
+        return torch.tensor(value_int if value_ints is None else list(value_ints), dtype=torch.int64)
+    return torch.tensor(value_float if value_floats is None else list(value_floats),
+                        dtype=torch.float64)
+
+
 OPS = {
     "Gemm": _gemm, "MatMul": lambda a, b: a @ b, "Add": lambda a, b: a + b,
     "Conv": _conv, "MaxPool": _maxpool, "AveragePool": _avgpool,
     "Relu": lambda x: torch.relu(x),
     "LeakyRelu": lambda x, alpha=0.01: F.leaky_relu(x, alpha),
     "Flatten": _flatten, "Reshape": _reshape,
+    # residual networks and BatchNorm (issue 11)
+    "BatchNormalization": _batchnorm, "ReduceMean": _reduce_mean,
+    "GlobalAveragePool": lambda x: x.mean(dim=(2, 3), keepdim=True),
+    "Concat": lambda *xs, axis: torch.cat(xs, dim=axis), "Identity": lambda x: x,
+    # the run-time zero conv biases of the unoptimised dynamo export
+    "Shape": lambda x, start=0, end=None: torch.tensor(x.shape[start:end], dtype=torch.int64),
+    "Squeeze": _squeeze, "Constant": lambda **a: _constant(**a),
+    "Expand": lambda x, shape: x * torch.ones(tuple(int(s) for s in shape.tolist()), dtype=x.dtype),
+    "CastLike": lambda x, like: x.to(like.dtype),
 }
 
 
@@ -122,7 +161,19 @@ class TorchGraph:
             else:
                 self.consts[init.name] = torch.from_numpy(arr.copy())
         self.input_name = next(i.name for i in g.input if i.name not in self.params and i.name not in self.consts)
-        self.nodes = list(g.node)
+        self.nodes = []
+        for node in g.node:
+            if node.op_type == "Identity" and node.input[0] in self.params:
+                # the legacy exporter's merged bit-identical initializers: each use is its
+                # own parameter of the user's model (as minsharp-ref scores it)
+                copy = self.params[node.input[0]].detach().clone()
+                self.params[node.output[0]] = torch.nn.Parameter(copy)
+                continue
+            self.nodes.append(node)
+            if node.op_type == "BatchNormalization":  # running statistics: constants
+                for name in node.input[3:5]:
+                    if name in self.params:
+                        self.consts[name] = self.params.pop(name).detach()
         self.output_name = g.output[0].name
         while self.nodes and self.nodes[-1].op_type in POSTPROCESSING \
                 and self.nodes[-1].output[0] == self.output_name:  # strip a trailing Softmax

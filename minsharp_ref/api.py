@@ -11,13 +11,14 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import __version__
-from .data import Preprocessing, batches, check_finite, check_labels, open_dataset
+from .data import Preprocessing, open_dataset
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
+from .group import (folded_inputs, folded_view, group_sharpness, log_scale_names,
+                    rescaling_group)
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
 from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, cuda_usable, make_forward
-from .sharpness import minimum_sharpness
 from .trace_graph.memory import graph_bytes_per_sample
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
@@ -74,10 +75,17 @@ class ScoreResult:
     measures: Optional[dict] = None
     #: the loss whose Hessian was traced: "cross-entropy", "binary" or "mse"
     loss_kind: str = "cross-entropy"
+    #: with a Dask client: scheduler, workers, shards, shard_size, seconds (docs/dask.md)
+    distributed: Optional[dict] = field(default=None, compare=False)
     #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
     diagonal: Optional[dict] = field(default=None, repr=False, compare=False)
     #: with ``per_sample=True``: initializer name → (N,) contributions, and "trace"; not in JSON
     per_sample: Optional[dict] = field(default=None, repr=False, compare=False)
+    #: α* = e^{ℓ*} per free class of the rescaling group (docs/method.md section 9)
+    classes: tuple[dict, ...] = ()
+    #: networks with BatchNorm: the folded parametrisation that minimum sharpness is
+    #: computed on (docs/method.md section 10): its layers, naive trace and standard error
+    folded: Optional[dict] = None
 
     def to_dict(self) -> dict:
         doc = {"schema": SCORE_SCHEMA, "minsharp_ref_version": __version__}
@@ -122,6 +130,14 @@ class TraceSums:
         self.n += len(v)
         self.total += v.sum(axis=0)
         self.outer += v.T @ v
+
+    def merge(self, other: "TraceSums"):
+        """Add another shard's sums (the sums of consecutive samples after these)."""
+        self.n += other.n
+        self.total += other.total
+        self.outer += other.outer
+        self.loss += other.loss
+        self.correct += other.correct
 
     @property
     def mean(self) -> np.ndarray:
@@ -169,12 +185,18 @@ class EngineRun:
     provider: str
     fidelity: Optional[float]
     timings: dict
-    diagonal: Optional[dict] = None  # initializer name → diag H (mean over samples)
+    diagonal_sum: Optional[dict] = None  # initializer name → Σ over samples of diag H
     per_sample: Optional[np.ndarray] = None  # (N, tensors), columns of tensor_columns
     warnings: list = field(default_factory=list)
     engine: str = "numpy"
     precision: str = "float64"  # what actually ran
     engine_check: Optional[dict] = None  # the fast engine's certification
+
+    @property
+    def diagonal(self) -> Optional[dict]:
+        """Initializer name → diag H (mean over samples)."""
+        return None if self.diagonal_sum is None else \
+            {k: v / self.sums.n for k, v in self.diagonal_sum.items()}
 
 
 #: Batches processed at once, each by one worker thread with single-threaded BLAS (numpy's
@@ -192,13 +214,38 @@ class _Batch:
     seconds: tuple[float, float]  # forward, engine
 
 
+class _InLine:
+    """An executor that runs each job at once on the calling thread (``traces_over`` with
+    a thread budget)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except MinsharpError as exc:
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
                 provider: str, progress: Optional[Callable[[int], None]] = None,
                 precision: Optional[str] = None, check: bool = True, diagonal: bool = False,
-                per_sample: bool = False, engine: str = "numpy") -> EngineRun:
-    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA), and
-    accumulate the results in float64 in batch order. ``engine`` "onnxruntime" runs the
-    trace graph, certified on its first samples by the float64 NumPy engine (``certify``)."""
+                per_sample: bool = False, engine: str = "numpy", first_sample: int = 0,
+                threads: Optional[int] = None) -> EngineRun:
+    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA; at
+    most ``threads``), and accumulate the results in float64 in batch order (the result does
+    not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
+    certified on its first samples by the float64 NumPy engine (``certify``); its checks run
+    on a thread of their own beside the batches, or in line when ``threads`` is given.
+    ``first_sample``: the index of the first sample in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -210,9 +257,14 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     precision = precision or DEFAULT_PRECISION[engine]
     if precision not in PRECISIONS:
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
+    columns = len(tensor_columns(network))
+    folded = None
     if engine == "onnxruntime":
         from .trace_graph.runner import TraceGraphRunner
 
+        if not network.is_chain or network.has_batchnorm:
+            raise MinsharpError("--engine onnxruntime supports chain networks without BatchNorm; "
+                                "use --engine numpy for networks with branches or BatchNorm")
         runner = TraceGraphRunner(network, provider, precision, diagonal)
         provider_used, precision, workers = runner.provider, runner.precision, runner.workers
 
@@ -223,6 +275,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     else:
         dtype = PRECISIONS[precision]
         signal_network = network if dtype == np.float64 else network.astype(dtype)
+        folded = folded_view(network)  # BatchNorm: also the folded network's traces
+        signal_folded = folded if folded is None or dtype == np.float64 else folded.astype(dtype)
         forward = make_forward(imported.proto, network, provider, threads=1)
         provider_used, workers = forward.name, ENGINE_WORKERS
 
@@ -234,9 +288,12 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             t1 = time.perf_counter()
             traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
                 if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
+            if folded is not None:  # columns after the original ones
+                traces = np.hstack([traces, per_sample_traces(
+                    signal_folded, folded_inputs(network, folded, inputs), logits, dtype)])
             return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
 
-    sums = TraceSums(len(tensor_columns(network)))
+    sums = TraceSums(columns + (0 if folded is None else len(tensor_columns(folded))))
     t_forward = t_engine = 0.0
     fidelity = engine_check = None
     diag_sums: Optional[dict] = None
@@ -256,11 +313,11 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity_job, fidelity
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
-            raise MinsharpError(f"the logits are NaN/Inf for sample {sums.n + bad}: the network "
-                                "overflows on this input")
+            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
+                                "the network overflows on this input")
         if check:
             m = FIDELITY_SAMPLES
-            if engine == "onnxruntime":  # the checks run beside the batches (docs/method.md, §9)
+            if engine == "onnxruntime":  # checks beside the batches (docs/method.md, section 11)
                 fidelity_job = checker.submit(check_fidelity, imported.proto, network, batch.x[:m])
             else:
                 try:
@@ -276,13 +333,14 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
                 checking = checker.submit(certify, network, *map(np.concatenate, zip(*held)))
         collect(wait=False)  # a failed check stops the run as soon as it is known
         if not np.all(np.isfinite(batch.traces)):
-            raise MinsharpError(f"the traces overflow (NaN/Inf) in the batch starting at sample {sums.n}")
+            raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
+                                f"{first_sample + sums.n}")
         if batch.diagonal is not None:
             diag_sums = batch.diagonal if diag_sums is None else \
                 {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
         sums.add(batch.traces)
         if per_sample:
-            rows.append(batch.traces)
+            rows.append(batch.traces[:, :columns])
         t_forward += batch.seconds[0]
         t_engine += batch.seconds[1]
         if labels is not None:
@@ -293,9 +351,11 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         if progress:
             progress(len(batch.x))
 
+    if threads is not None:
+        workers = min(workers, threads)
     fidelity_job = checking = None  # the onnxruntime engine's checks, on their own thread
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
-            ThreadPoolExecutor(1) as checker:
+            (ThreadPoolExecutor(1) if threads is None else _InLine()) as checker:
         pending: deque = deque()
         for x in xs:
             pending.append(pool.submit(job, x))
@@ -310,7 +370,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         engine_check = certify(network, *map(np.concatenate, zip(*held)))
     return EngineRun(
         sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
-        None if diag_sums is None else {k: v / sums.n for k, v in diag_sums.items()},
+        diag_sums,
         np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
 
 
@@ -381,47 +441,79 @@ class Summary:
     loss: Optional[float]
     accuracy: Optional[float]
     warnings: list[str]
+    classes: list[dict] = field(default_factory=list)
+    folded: Optional[dict] = None
+
+
+def _layer_results(network: Network, t, u, alpha) -> list[LayerResult]:
+    return [LayerResult(
+        index=i + 1, name=layer.nodes[0], kind=layer.kind, weight=layer.weight_name,
+        bias=layer.bias_name if layer.bias is not None else None,
+        weight_shape=tuple(int(s) for s in layer.weight.shape),
+        trace_weight=float(t[i]), trace_bias=float(u[i]) if layer.bias is not None else None,
+        alpha=None if alpha is None else float(alpha[i]))
+        for i, layer in enumerate(network.param_layers)]
+
+
+def _layer_traces(network: Network, values: np.ndarray):
+    """(t, u): weight and bias trace per parameterised layer from the column means."""
+    d = len(network.param_layers)
+    t, u = np.zeros(d), np.zeros(d)
+    for (layer, which, _), value in zip(tensor_columns(network), values):
+        (t if which == "weight" else u)[layer] = value
+    return t, u
 
 
 def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Summary:
-    """Per-layer results, naive trace and minimum sharpness from the sums."""
+    """Per-layer results, naive trace and minimum sharpness from the sums: over the
+    rescaling group of docs/method.md section 9, on the folded network when there is
+    BatchNorm (section 10; its columns follow the original ones, see ``traces_over``)."""
     network = imported.network
     cols = tensor_columns(network)
     mean = sums.mean
-    d = len(network.param_layers)
-    t, u = np.zeros(d), np.zeros(d)
-    for (layer, which, _), value in zip(cols, mean):
-        (t if which == "weight" else u)[layer] = value
-    ms = minimum_sharpness(t, u)
+    folded = folded_view(network)
+    scored = folded or network
+    offset = 0 if folded is None else len(cols)
+    scored_cols = tensor_columns(scored)
+    t, u = _layer_traces(scored, mean[offset:offset + len(scored_cols)])
+    group = rescaling_group(scored)
+    ms = group_sharpness(group, t, u)
     warnings = []
     for l in ms.dead_layers:
-        warnings.append(f'layer {l + 1} ("{network.param_layers[l].nodes[0]}") has zero weight '
+        warnings.append(f'layer {l + 1} ("{scored.param_layers[l].nodes[0]}") has zero weight '
                         f"trace (a dead layer): minimum sharpness {ms.value:.6g} is an infimum, "
                         "not attained by any rescaling")
     if not ms.converged:
         warnings.append(f"the minimum-sharpness solver stopped after {ms.iterations} steps with "
                         f"relative gradient {ms.gradient_norm:.2g}")
-    alpha = None if ms.alpha is None else np.asarray(ms.alpha)
-    layers = []
-    for i, layer in enumerate(network.param_layers):
-        has_bias = layer.bias is not None
-        layers.append(LayerResult(
-            index=i + 1, name=layer.nodes[0], kind=layer.kind, weight=layer.weight_name,
-            bias=layer.bias_name if has_bias else None,
-            weight_shape=tuple(int(s) for s in layer.weight.shape),
-            trace_weight=float(t[i]), trace_bias=float(u[i]) if has_bias else None,
-            alpha=None if alpha is None else float(alpha[i])))
+    scales = ms.layer_scales(group)
+    alpha = None if scales is None else scales[0]
+    scored_layers = _layer_results(scored, t, u, alpha)
+    if folded is None:
+        layers = scored_layers
+    else:
+        layers = _layer_results(network, *_layer_traces(network, mean[:len(cols)]), None)
     ms_se = None
-    if alpha is not None:  # envelope theorem: ∂MS/∂t_d = 1/α_d², ∂MS/∂u_d = 1/c_d²
-        c = np.cumprod(alpha)
-        grad = np.array([1 / alpha[l] ** 2 if w == "weight" else 1 / c[l] ** 2 for l, w, _ in cols])
+    if scales is not None:  # envelope theorem: ∂MS/∂t_p = 1/α_p², ∂MS/∂u_p = 1/c_p²
+        grad = np.zeros(sums.columns)
+        for j, (l, w, _) in enumerate(scored_cols):
+            grad[offset + j] = 1 / scales[0][l] ** 2 if w == "weight" else 1 / scales[1][l] ** 2
         ms_se = sums.stderr(grad)
     solver = {"method": ms.method, "iterations": ms.iterations, "gradient_norm": ms.gradient_norm,
-              "converged": ms.converged}
+              "converged": ms.converged, "problem": "chain" if group.is_chain else "dag",
+              "free_classes": group.size}
     loss = sums.loss / sums.n if has_labels else None
     acc = sums.correct / sums.n if has_labels and network.loss != "mse" else None
-    return Summary(layers, float(mean.sum()), sums.stderr(np.ones(len(cols))), ms.value, ms_se,
-                   solver, loss, acc, warnings)
+    original = np.zeros(sums.columns)
+    original[:len(cols)] = 1.0
+    folded_doc = None
+    if folded is not None:
+        weights = np.zeros(sums.columns)
+        weights[offset:] = 1.0
+        folded_doc = {"layers": scored_layers, "trace": float(mean[offset:].sum()),
+                      "trace_stderr": sums.stderr(weights)}
+    return Summary(layers, float(mean[:len(cols)].sum()), sums.stderr(original), ms.value,
+                   ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc)
 
 
 def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
@@ -456,7 +548,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           diagonal: bool = False, per_sample: bool = False, measures: bool = False,
           input_shape: Optional[Sequence[int]] = None, loss: Optional[str] = None,
           progress: Optional[Callable[[int], None]] = None,
-          on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy") -> ScoreResult:
+          on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy",
+          client=None, shard_size: Optional[int] = None,
+          scatter_data: bool = False) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
@@ -467,35 +561,50 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     at α*. ``engine``: "numpy" (the float64 reference, default) or "onnxruntime" (the trace
     graph, float32 unless ``precision="float64"``, certified against the reference on the
     first 64 samples); ``precision`` defaults to the engine's. ``loss`` ("cross-entropy",
-    "binary" or "mse") overrides the loss the model's head suggests. Raises
+    "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
+    (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
+    samples on its workers (docs/dask.md); without one, in this process (in one piece, or
+    shard by shard when ``shard_size`` is given). Raises
     ``MinsharpError`` on bad input.
     """
+    from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
+
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(
         model, None if input_shape is None else tuple(input_shape))
     imported = with_loss(imported, loss)
     t_import = time.perf_counter() - start
     network = imported.network
+    if measures and (not network.is_chain or network.has_batchnorm):
+        raise MinsharpError("--measures supports chain networks without BatchNorm only")
     dataset = open_dataset(data, split, x_key, y_key, limit)
-    try:
-        check_finite(dataset)
-        check_labels(dataset, network.num_classes, network.loss)
-        prep = Preprocessing(mean, std)
-        if engine not in ENGINES:
-            raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-        precision = precision or DEFAULT_PRECISION[engine]
-        bs = batch_size_for(network, memory_budget, batch_size, precision, engine, provider)
-        if on_start:
-            on_start(dataset.samples)
-        run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), dataset.y,
-                          provider, progress, precision, diagonal=diagonal or measures,
-                          per_sample=per_sample, engine=engine)
-        sums = run.sums
-        data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
-                     "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
-                     "batch_size": min(bs, sums.n), "precision": run.precision}
-    finally:
-        dataset.close()
+    dataset.close()
+    prep = Preprocessing(mean, std)
+    if engine not in ENGINES:
+        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    precision = precision or DEFAULT_PRECISION[engine]
+    bs = batch_size_for(network, memory_budget, batch_size, precision, engine, provider)
+    path = dataset.path if client is None else dataset.path.resolve()  # workers' cwd may differ
+    spec = DataSpec(str(path), split, dataset.x_key, dataset.y_key, limit, prep, bs)
+    options = {"provider": provider, "precision": precision, "diagonal": diagonal or measures,
+               "per_sample": per_sample, "engine": engine}
+    samples = dataset.samples
+    default = bs * SHARD_BATCHES if client is not None else samples
+    ranges = shard_ranges(samples, default if shard_size is None else shard_size)
+    if on_start:
+        on_start(samples)
+    distributed = None
+    if client is None:
+        runs = [score_shard(imported, spec, a, b, options, progress=progress) for a, b in ranges]
+    else:
+        from .distributed import run_shards
+
+        runs, distributed = run_shards(client, imported, spec, ranges, options, progress, scatter_data)
+    run = merge(runs)
+    sums = run.sums
+    data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
+                 "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
+                 "batch_size": min(bs, sums.n), "precision": run.precision}
     summary = summarise(imported, sums, dataset.y is not None)
     timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
     per_sample_dict = None
@@ -515,7 +624,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        loss_kind=network.loss, diagonal=run.diagonal, per_sample=per_sample_dict)
+        loss_kind=network.loss, diagonal=run.diagonal, per_sample=per_sample_dict,
+        classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)
     return result
 
 

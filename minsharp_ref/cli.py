@@ -6,6 +6,7 @@ one line ``error: …`` on stderr and no traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -122,6 +123,9 @@ def score(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests; see docs/exporting.md)."),
     engine: str = typer.Option("numpy", "--engine", help="numpy (float64 reference, default) | onnxruntime (the trace graph on --provider's device, float32 unless --precision float64; certified on 64 samples)."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 8 batches; without: one shard)."),
+    scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),
 ):
     """Exact per-layer Hessian traces and the minimum sharpness of MODEL on DATA."""
 
@@ -143,7 +147,14 @@ def score(
             if out is not None:
                 check_output_dir(out)
         output = Output(quiet)
-        with Phases(enabled=not quiet) as phases:
+        if scatter_data and dask is None:
+            raise MinsharpError("--scatter-data needs --dask")
+        cluster = contextlib.nullcontext()
+        if dask is not None:
+            from .distributed import connect
+
+            cluster = connect(dask)
+        with cluster as client, Phases(enabled=not quiet) as phases:
             phases.start("import")
             on_start, progress = phases.samples()
             result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
@@ -152,7 +163,8 @@ def score(
                                memory_budget=parse_bytes(memory_budget), precision=precision,
                                diagonal=diag_path is not None, per_sample=per_sample_path is not None,
                                measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                               loss=loss, progress=progress, on_start=on_start, engine=engine)
+                               loss=loss, progress=progress, on_start=on_start, engine=engine,
+                               client=client, shard_size=shard_size, scatter_data=scatter_data)
         doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
                                      sigma, max_sharpness))
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
@@ -223,7 +235,8 @@ def rescale(
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
-    """Write a function-preserving rescaling of MODEL (spec section 3, or 5 with --neurons).
+    """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
+    networks with branches or BatchNorm: --random over the group of docs/method.md section 9).
 
     Both models run in onnxruntime on the same batch; nothing is written unless their logits
     agree to float32 tolerance."""
@@ -232,9 +245,13 @@ def rescale(
         import numpy as np
 
         from .onnx_import import import_model
+        import math
+
+        from .group import rescaling_group
         from .report import Output
-        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, logits_agree,
-                              neuron_parameters, random_alpha)
+        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, group_parameters,
+                              logits_agree, neuron_parameters, random_alpha, random_log_scales,
+                              uses_group)
         from .runtime import FIDELITY_RTOL, OrtForward
 
         imported = import_model(model, _ints(input_shape, "--input-shape"))
@@ -246,7 +263,16 @@ def rescale(
             raise MinsharpError("give exactly one of --alpha, --random or --neurons")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        if neurons:
+        if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
+            if not random:
+                raise MinsharpError("this network has branches or BatchNorm: only --random "
+                                    "applies (one random scale per class of tied tensors)")
+            group = rescaling_group(network)
+            ell = random_log_scales(group, rng, spread)
+            params = group_parameters(network, ell, group)
+            what = "scale per class " + ", ".join(
+                f"{name}={math.exp(v):.6g}" for name, v in zip(group.names, ell))
+        elif neurons:
             params = neuron_parameters(network, rng, spread)
             what = f"neuron-wise rescaling, γ log-uniform over {spread:g} decades (seed {seed})"
         else:

@@ -24,7 +24,16 @@ CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImp
            RuntimeError)
 
 
-class NpyMember:
+class _Rows:
+    """``rows`` for classes that yield row blocks (``blocks(rows, stop, start)``)."""
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` (exclusive) as one array."""
+        empty = np.empty((0,) + self.shape[1:], self.dtype)
+        return np.concatenate([empty, *self.blocks(max(1, stop - start), stop, start)])
+
+
+class NpyMember(_Rows):
     """One array of an .npz archive, read in row blocks without loading it whole."""
 
     def __init__(self, path: Path, archive: zipfile.ZipFile, key: str):
@@ -66,24 +75,50 @@ class NpyMember:
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 1
 
-    def blocks(self, rows: int, limit: Optional[int] = None) -> Iterator[np.ndarray]:
-        """Consecutive blocks of at most ``rows`` rows, in order, up to ``limit`` rows."""
-        n = len(self) if limit is None else min(limit, len(self))
+    def blocks(self, rows: int, stop: Optional[int] = None, start: int = 0) -> Iterator[np.ndarray]:
+        """Consecutive blocks of at most ``rows`` rows, in order, from row ``start`` up to
+        row ``stop``; unreadable rows raise a MinsharpError naming them."""
+        n = len(self) if stop is None else min(stop, len(self))
         row_shape = self.shape[1:]
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        where = f'{self.path}: key "{self.key}"'
         with self._open() as f:
-            f.read(self.offset)
-            done = 0
+            done = start
             while done < n:
                 take = min(rows, n - done)
-                buf = f.read(take * row_bytes)
+                try:
+                    if done == start:  # skip the header and the rows before ``start``
+                        f.seek(self.offset + start * row_bytes)
+                    buf = f.read(take * row_bytes)
+                except CORRUPT as exc:
+                    raise MinsharpError(f"{where} cannot be read at samples {done}..{done + take - 1}, "
+                                        f"the file is corrupt ({type(exc).__name__}: {exc})") from None
                 if len(buf) != take * row_bytes:
-                    raise MinsharpError(f'{self.path}: key "{self.key}" is truncated')
+                    raise MinsharpError(f"{where} is truncated: sample {done + len(buf) // row_bytes} "
+                                        "is missing")
                 yield np.frombuffer(buf, dtype=self.dtype).reshape((take,) + row_shape)
                 done += take
 
-    def read(self) -> np.ndarray:
-        return np.concatenate(list(self.blocks(max(1, len(self))))) if len(self) else np.empty(self.shape, self.dtype)
+
+class RowBlock(_Rows):
+    """Rows ``first`` .. ``first + len(values)`` of an array, held in memory, with the reading
+    interface of ``NpyMember`` (row indices refer to the whole array): what a Dask client
+    ships to a worker that cannot read the file itself (docs/dask.md)."""
+
+    def __init__(self, member, first: int, stop: int):
+        self.path, self.key, self.shape, self.dtype = member.path, member.key, member.shape, member.dtype
+        self.first = first
+        self.values = member.rows(first, stop)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def blocks(self, rows: int, stop: Optional[int] = None, start: int = 0) -> Iterator[np.ndarray]:
+        stop = self.first + len(self.values) if stop is None else stop
+        if start < self.first or stop > self.first + len(self.values):
+            raise ValueError(f"rows {start}..{stop} are not in this block")
+        for i in range(start, stop, rows):
+            yield self.values[i - self.first:min(i + rows, stop) - self.first]
 
 
 @dataclass
@@ -109,8 +144,8 @@ class Preprocessing:
 @dataclass
 class Dataset:
     path: Path
-    x: NpyMember
-    y: Optional[np.ndarray]
+    x: NpyMember  # or a RowBlock shipped to a Dask worker
+    y: Optional[NpyMember]  # the labels, read on demand by ``labels``
     x_key: str
     y_key: Optional[str]
     limit: Optional[int] = None
@@ -119,6 +154,20 @@ class Dataset:
     @property
     def samples(self) -> int:
         return len(self.x) if self.limit is None else min(self.limit, len(self.x))
+
+    def labels(self, start: int = 0, stop: Optional[int] = None) -> Optional[np.ndarray]:
+        """Labels of samples ``start`` .. ``stop`` (default: all): int64 class indices or
+        float64 regression targets; None without."""
+        if self.y is None:
+            return None
+        y = self.y.rows(start, self.samples if stop is None else stop)
+        return y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float64)
+
+    def rows(self, start: int, stop: int) -> "Dataset":
+        """Samples ``start`` .. ``stop`` read into memory: a Dataset that needs no file."""
+        return Dataset(self.path, RowBlock(self.x, start, stop),
+                       None if self.y is None else RowBlock(self.y, start, stop),
+                       self.x_key, self.y_key, self.limit)
 
     def close(self):
         if self.archive is not None:
@@ -164,10 +213,7 @@ def open_dataset(path, split: str = "train", x_key: Optional[str] = None,
             if len(ym.shape) not in (1, 2) or len(ym) != len(x):
                 raise MinsharpError(f'{path}: labels "{y_key}" have shape {ym.shape}; need '
                                     f"({len(x)},) (or ({len(x)}, outputs) regression targets)")
-            y = ym.read()
-            y = y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float64)
-            if limit is not None:
-                y = y[:limit]
+            y = ym
         return Dataset(path, x, y, x_key, y_key, limit, archive)
     except Exception:
         archive.close()
@@ -186,8 +232,9 @@ def _channel_vector(values, name: str, channels: int, ndim: int) -> np.ndarray:
 
 
 def batches(dataset: Dataset, input_shape: tuple[int, ...], prep: Preprocessing,
-            batch_size: int) -> Iterator[np.ndarray]:
-    """Preprocessed float64 batches of shape (B, *input_shape)."""
+            batch_size: int, start: int = 0, stop: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Preprocessed float64 batches of shape (B, *input_shape), of samples ``start`` ..
+    ``stop`` (default: all)."""
     row_shape = dataset.x.shape[1:]
     if int(np.prod(row_shape)) != int(np.prod(input_shape)):
         raise MinsharpError(
@@ -202,7 +249,7 @@ def batches(dataset: Dataset, input_shape: tuple[int, ...], prep: Preprocessing,
         if np.any(std <= 0):
             raise MinsharpError("--std must be positive")
     scale = dataset.x.dtype == np.uint8 and prep.scale_uint8
-    for block in dataset.x.blocks(batch_size, dataset.limit):
+    for block in dataset.x.blocks(batch_size, dataset.samples if stop is None else stop, start):
         x = block.astype(np.float64).reshape((len(block),) + tuple(input_shape))
         if scale:
             x /= 255.0
@@ -213,27 +260,32 @@ def batches(dataset: Dataset, input_shape: tuple[int, ...], prep: Preprocessing,
         yield x
 
 
-def check_finite(dataset: Dataset, block_rows: int = 4096) -> None:
-    """Refuse NaN/Inf in the samples, saying how many and where the first one is."""
+def check_finite(dataset: Dataset, start: int = 0, stop: Optional[int] = None,
+                 block_rows: int = 4096) -> None:
+    """Refuse NaN/Inf in samples ``start`` .. ``stop`` (default: all), saying how many and
+    where the first one is."""
     if dataset.x.dtype.kind != "f":
         return
-    bad, first, start = 0, None, 0
-    for block in dataset.x.blocks(block_rows, dataset.limit):
+    stop = dataset.samples if stop is None else stop
+    bad, first, at = 0, None, start
+    for block in dataset.x.blocks(block_rows, stop, start):
         mask = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
         if mask.any():
             if first is None:
-                first = start + int(np.argmax(mask))
+                first = at + int(np.argmax(mask))
             bad += int(np.count_nonzero(~np.isfinite(block)))
-        start += len(block)
+        at += len(block)
     if bad:
+        where = "" if (start, stop) == (0, dataset.samples) else f" in samples {start}..{stop - 1}"
         raise MinsharpError(f'{dataset.path}: key "{dataset.x_key}" contains {bad} NaN/Inf '
-                            f"values (first in sample {first})")
+                            f"values{where} (first in sample {first})")
 
 
-def check_labels(dataset: Dataset, outputs: int, loss: str = "cross-entropy") -> None:
+def check_labels(dataset: Dataset, outputs: int, loss: str, y: Optional[np.ndarray],
+                 start: int = 0) -> None:
     """Labels that fit the loss: class indices 0..K−1 (cross-entropy), 0/1 (binary), or
-    float targets of shape (N,) for one output or (N, K) (mse)."""
-    y = dataset.y
+    float targets of shape (N,) for one output or (N, K) (mse). ``y`` holds the labels of
+    the samples from ``start`` on."""
     if y is None:
         return
     where = f'{dataset.path}: labels "{dataset.y_key}"'
@@ -253,7 +305,7 @@ def check_labels(dataset: Dataset, outputs: int, loss: str = "cross-entropy") ->
     if bad.size:
         hint = " (pick 0/1 labels with --y-key)" if loss == "binary" else ""
         raise MinsharpError(f"{where} out of range 0..{top} for the {loss} loss: {bad.size} values, "
-                            f"first {int(y[bad[0]])} at sample {int(bad[0])}{hint}")
+                            f"first {int(y[bad[0]])} at sample {start + int(bad[0])}{hint}")
 
 
 def load_batches(path, input_shape: tuple[int, ...], prep: Preprocessing, batch_size: int,

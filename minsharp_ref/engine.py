@@ -8,13 +8,15 @@ mse: A = 2I/K).
 Back-propagating its rows from the logits gives, at each layer output z_d, signals
 g_k = S_k ∂z/∂z_d, and
 
-    Tr H_dd = (1/N) Σ_n Σ_k ‖g_nk ∂z_d/∂θ_d‖²                      (spec section 2)
+    Tr H_dd = (1/N) Σ_n Σ_k ‖g_nk ∂z_d/∂θ_d‖²                      (docs/method.md section 3)
 
 because the logits are linear in any one parameter tensor once the activation pattern is
 fixed. Two kinds of rule keep apart how signals travel and what is measured (as BackPACK):
 
 * ``backprop(layer, g, a)`` moves signals g (N, R, *out_shape) from a layer's output to its
-  input (a is the layer's input, needed for masks and arg-max routing);
+  input (a is the layer's input, needed for masks and arg-max routing); the layers that join
+  branches (``Add``, ``Concat``) return one signal per input, and a tensor read by several
+  layers receives the sum of their signals (docs/method.md section 9);
 * ``measure(layer, g, a)`` (and ``measure_diagonal``) turn the signals at a parameterised
   layer's output into the per-sample traces (the diagonal) of its weight and bias.
 
@@ -29,8 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from .ir import (AvgPool2d, Conv2d, Dense, LayerBase, LeakyRelu, MaxPool2d, Network,
-                 Pad2d, Relu, Reshape, Transpose, is_parameterised)
+from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, LayerBase, LeakyRelu,
+                 MaxPool2d, Network, Pad2d, Relu, Reshape, Transpose, is_parameterised)
 from .windows import scatter_windows
 
 
@@ -162,6 +164,26 @@ def _(layer: Dense, g, a):
     return (g.reshape(n * k, out) @ layer.matrix).reshape(n, k, -1)
 
 
+@backprop.register
+def _(layer: BatchNorm, g, a):
+    """BatchNorm (inference): multiply channel c by γ_c s_c (docs/method.md section 10)."""
+    return g * layer.multiplier.reshape((1, 1, -1) + (1,) * (g.ndim - 3)).astype(g.dtype, copy=False)
+
+
+@backprop.register
+def _(layer: Add, g, a):
+    """Add: every input receives the signal (copies, so that in-place rules downstream of
+    one branch cannot touch another's)."""
+    return (g,) + tuple(g.copy() for _ in layer.other_inputs)
+
+
+@backprop.register
+def _(layer: Concat, g, a):
+    """Concat: split the signal along the channel axis."""
+    edges = np.cumsum(layer.sizes)[:-1]
+    return tuple(np.split(g, edges, axis=2))
+
+
 #: Bytes of im2col columns materialised at once in the conv back-propagation.
 CONV_CHUNK_BYTES = 8 * 1024 ** 2
 
@@ -244,6 +266,24 @@ def _(layer: Conv2d, g, a):
     return t_w, layer.bias_coef ** 2 * np.einsum("nkc,nkc->n", summed, summed, dtype=np.float64)
 
 
+def _channel_sums(layer: BatchNorm, g, a):
+    """Per channel and signal, Σ_positions g x̂ and Σ_positions g: (N, K, C) each, float64."""
+    n, k, c = g.shape[:3]
+    xhat = layer.normalised(a.astype(np.float64)).reshape(n, 1, c, -1)
+    g = g.reshape(n, k, c, -1)
+    return (np.einsum("nkcp,nkcp->nkc", g, xhat, dtype=np.float64),
+            g.sum(axis=3, dtype=np.float64))
+
+
+@measure.register
+def _(layer: BatchNorm, g, a):
+    """Tr_n(γ) = Σ_k Σ_c (Σ_positions g_k x̂)², Tr_n(β) = Σ_k Σ_c (Σ_positions g_k)²
+    (docs/method.md section 10: ∂/∂γ_c = Σ_positions g x̂, ∂/∂β_c = Σ_positions g)."""
+    dg, db = _channel_sums(layer, g, a)
+    t_b = None if layer.bias is None else np.einsum("nkc,nkc->n", db, db)
+    return np.einsum("nkc,nkc->n", dg, dg), t_b
+
+
 @singledispatch
 def measure_diagonal(layer: LayerBase, g: np.ndarray, a: np.ndarray):
     """Like ``measure``, and from the same intermediates the batch sums of the exact Hessian
@@ -253,8 +293,8 @@ def measure_diagonal(layer: LayerBase, g: np.ndarray, a: np.ndarray):
 
 @measure_diagonal.register
 def _(layer: Dense, g, a):
-    """W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (spec section 2, "Diagonal
-    entries"; times Gemm's alpha², beta²); the per-sample traces are their totals."""
+    """W: Σ_n Σ_k (g_k ⊙ g_k)(a ⊙ a)ᵀ, b: Σ_n Σ_k g_k ⊙ g_k (docs/method.md section 12;
+    times Gemm's alpha², beta²); the per-sample traces are their totals."""
     signal = np.einsum("nko,nko->no", g, g, dtype=np.float64)  # (N, out)
     a2 = a.astype(np.float64) ** 2  # (N, in)
     t_w = layer.weight_coef ** 2 * a2.sum(axis=1) * signal.sum(axis=1)
@@ -284,9 +324,21 @@ def _(layer: Conv2d, g, a):
     return t_w, per_channel.sum(axis=1), d_w, per_channel.sum(axis=0).reshape(layer.bias.shape)
 
 
+@measure_diagonal.register
+def _(layer: BatchNorm, g, a):
+    """γ_c: Σ_n Σ_k (Σ_positions g_k x̂)², β_c: Σ_n Σ_k (Σ_positions g_k)²."""
+    dg, db = _channel_sums(layer, g, a)
+    per_gamma, per_beta = np.einsum("nkc,nkc->nc", dg, dg), np.einsum("nkc,nkc->nc", db, db)
+    if layer.bias is None:
+        return per_gamma.sum(axis=1), None, per_gamma.sum(axis=0).reshape(layer.weight.shape), None
+    return (per_gamma.sum(axis=1), per_beta.sum(axis=1),
+            per_gamma.sum(axis=0).reshape(layer.weight.shape),
+            per_beta.sum(axis=0).reshape(layer.bias.shape))
+
+
 # ------------------------------------------------------------------------------ driver
 
-LAYERS_NEEDING_INPUT = (Relu, LeakyRelu, MaxPool2d, Dense, Conv2d)
+LAYERS_NEEDING_INPUT = (Relu, LeakyRelu, MaxPool2d, Dense, Conv2d, BatchNorm)
 
 
 def first_param_index(network: Network) -> int:
@@ -319,6 +371,9 @@ def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
     ``inputs[i]`` is layer i's input where the engine needs it (``needed_inputs``); other
     entries may be None. ``dtype`` is the precision of the signals: float64 (the reference)
     or float32 (pass a network already cast with ``Network.astype``)."""
+    if not network.is_chain:
+        yield from _dag_signals(network, inputs, logits, dtype)
+        return
     shapes = network.layer_shapes()
     n = logits.shape[0]
     g = loss_hessian_factor(logits, network.loss).astype(dtype, copy=False)
@@ -335,6 +390,48 @@ def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
             yield d, layer, g, a
         if i > start:
             g = backprop(layer, g, a)
+
+
+def signal_tensors(network: Network) -> set[str]:
+    """Tensors that depend on some parameter: where signals must arrive."""
+    out: set[str] = set()
+    for layer in network.layers:
+        if is_parameterised(layer) or any(n in out for n in layer.inputs):
+            out.add(layer.output_name)
+    return out
+
+
+def _dag_signals(network: Network, inputs, logits: np.ndarray, dtype):
+    """``signals_at_parameters`` for a DAG (docs/method.md section 9): layers are visited in
+    reverse topological order; each tensor's signal is complete (the sum over its readers)
+    before its producer is visited."""
+    shapes = network.tensor_shapes()
+    n = logits.shape[0]
+    needs = signal_tensors(network)
+    pending = {network.logits_name: loss_hessian_factor(logits, network.loss)
+               .astype(dtype, copy=False)}
+    d = len(network.param_layers)
+    for i in range(len(network.layers) - 1, -1, -1):
+        layer = network.layers[i]
+        if is_parameterised(layer):
+            d -= 1
+        g = pending.pop(layer.output_name, None)
+        if g is None:
+            continue
+        a = inputs[i]
+        if a is None:  # shape-only layers: a stand-in with the right shape and no data
+            a = np.broadcast_to(np.zeros((), dtype=dtype), (n,) + shapes[layer.input_name])
+        a = a.astype(dtype, copy=False)
+        if is_parameterised(layer):
+            yield d, layer, g, a
+        targets = [name in needs for name in layer.inputs]
+        if not any(targets):
+            continue
+        out = backprop(layer, g, a)
+        for name, part, wanted in zip(layer.inputs, out if isinstance(out, tuple) else (out,),
+                                      targets):
+            if wanted:
+                pending[name] = pending[name] + part if name in pending else part
 
 
 def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
@@ -368,15 +465,18 @@ def bytes_per_sample(network: Network, itemsize: int = 8) -> int:
     chunked to CONV_CHUNK_BYTES and do not grow with the batch."""
     k = signal_rows(network)
     shapes = network.layer_shapes()
+    in_shapes = network.input_shapes()
     stored = 8 * sum(int(np.prod(s)) for s in shapes)
     peak = 0
     for i in range(first_param_index(network), len(network.layers)):
-        layer, a, z = network.layers[i], int(np.prod(shapes[i])), int(np.prod(shapes[i + 1]))
+        layer, a, z = network.layers[i], int(np.prod(in_shapes[i])), int(np.prod(shapes[i + 1]))
         need = 2 * k * (a + z) * itemsize
+        if not network.is_chain:  # signals waiting at branch points: about one more layer's
+            need += k * z * itemsize
         if isinstance(layer, Conv2d):
             q = layer.weight[0].size
             p = int(np.prod(shapes[i + 1][1:]))
-            flops = conv_trace_flops(layer, shapes[i], k)
+            flops = conv_trace_flops(layer, in_shapes[i], k)
             product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
                 else 2 * layer.groups * p * p
             need += (layer.groups * q * p + product) * itemsize

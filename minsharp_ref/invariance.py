@@ -12,7 +12,7 @@ import numpy as np
 
 from .api import summarise, traces_over
 from .onnx_import import ImportedModel
-from .rescale import alpha_parameters, apply_to_proto
+from .rescale import alpha_parameters, apply_to_proto, group_parameters, uses_group
 
 INVARIANCE_SCHEMA = "minsharp-ref/invariance/v1"
 #: Default tolerance on |MS_α − MS| / MS per forward path.
@@ -81,9 +81,18 @@ def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, ch
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
-    """The model with spec section 3 applied (in memory; the proto only where onnxruntime
+    """The model with the α-scale transformation (docs/method.md section 5) applied (in memory; the proto only where onnxruntime
     needs it)."""
     params = alpha_parameters(imported.network, alpha)
+    proto = imported.proto if provider == "numpy" else apply_to_proto(imported.proto, params)
+    return ImportedModel(imported.path, "", proto, imported.network.with_parameters(params))
+
+
+def group_rescaled_model(imported: ImportedModel, scales: np.ndarray,
+                         provider: str) -> ImportedModel:
+    """The model with the group of docs/method.md section 9 applied, e^ℓ = ``scales`` per
+    free class (BatchNorm rescaled exactly, see ``rescale.group_parameters``)."""
+    params = group_parameters(imported.network, np.log(scales))
     proto = imported.proto if provider == "numpy" else apply_to_proto(imported.proto, params)
     return ImportedModel(imported.path, "", proto, imported.network.with_parameters(params))
 
@@ -94,7 +103,8 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
                      transform: Callable = rescaled_model) -> InvarianceResult:
     """Draw α with hypothesis (log-uniform over ``spread`` decades, plus the extremes and
     values next to 1), re-score, and let hypothesis shrink any α whose minimum sharpness
-    deviates by more than rtol to a minimal failing one."""
+    deviates by more than rtol to a minimal failing one. DAG and BatchNorm networks draw
+    e^ℓ per free class of the rescaling group instead (``Trial.alpha`` holds them)."""
     from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
@@ -105,7 +115,15 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
         model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
         provider=used, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
         base_minimum_sharpness=base_ms)
-    d = len(imported.network.param_layers)
+    grouped = uses_group(imported.network)
+    if grouped:
+        from .group import rescaling_group
+
+        d = rescaling_group(imported.network).size
+        if transform is rescaled_model:
+            transform = group_rescaled_model
+    else:
+        d = len(imported.network.param_layers)
     half = spread / 2
     exponent = st.one_of(st.floats(-half, half, allow_nan=False),
                          st.sampled_from([-half, half, 0.0, 1e-9, -1e-9]))
@@ -118,7 +136,9 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
               report_multiple_bugs=False, verbosity=Verbosity.quiet)
     @given(st.lists(exponent, min_size=d, max_size=d))
     def draw(log10_alpha):
-        log10 = np.asarray(log10_alpha) - np.mean(log10_alpha)
+        log10 = np.asarray(log10_alpha, dtype=np.float64)
+        if not grouped:  # Π α = 1
+            log10 = log10 - np.mean(log10)
         alpha = 10.0 ** log10
         key = tuple(np.round(log10, 12))
         assume(failing or key not in seen)  # distinct draws only (the shrink phase may repeat)

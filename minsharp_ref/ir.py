@@ -1,11 +1,14 @@
-"""Typed layer IR: the network as a chain of layers, each with its float64 NumPy forward.
+"""Typed layer IR: the network as layers in topological order, each with its float64 NumPy
+forward. A chain is the common case; ``Add`` and ``Concat`` join branches (a DAG, docs/method.md
+section 9), and every layer names the tensors it reads, so fan-out needs nothing special.
 
-Every layer remembers the ONNX tensors it reads and writes (``input_name``/``output_name``)
+Every layer remembers the ONNX tensors it reads and writes (``input_name``/``output_name``;
+``inputs`` for all of them)
 so that the onnxruntime forward can expose exactly the intermediates the engine needs, and
 the ONNX nodes it came from (``nodes``) so that errors can name them. Parameterised layers
 (``Dense``, ``Conv2d``) keep their parameters exactly as the ONNX initializers store them,
 with the initializer names; everything else is a fixed, positively homogeneous operation
-(spec section 1), except ``InputAffine``, a fixed input transform that may only come before
+(docs/method.md section 4), except ``InputAffine``, a fixed input transform that may only come before
 the first parameterised layer.
 
 Shapes here are per sample (no batch axis); arrays passed to ``forward`` carry the batch axis.
@@ -14,6 +17,7 @@ Shapes here are per sample (no batch axis); arrays passed to ``forward`` carry t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Optional, Union
 
 import numpy as np
@@ -29,6 +33,11 @@ class LayerBase:
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return in_shape
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every tensor the layer reads (one, except for ``Add`` and ``Concat``)."""
+        return (self.input_name,)
 
 
 # --------------------------------------------------------------------------- fixed layers
@@ -49,7 +58,7 @@ class InputAffine(LayerBase):
 
 @dataclass(frozen=True)
 class Relu(LayerBase):
-    """max(u, 0); back-propagation multiplies by 1[u > 0] (spec section 2)."""
+    """max(u, 0); back-propagation multiplies by 1[u > 0] (docs/method.md section 3)."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)
@@ -260,18 +269,107 @@ class Conv2d(LayerBase):
         return z if b is None else z + b
 
 
-ParamLayer = Union[Dense, Conv2d]
+@dataclass(frozen=True)
+class BatchNorm(LayerBase):
+    """Inference-mode BatchNormalization (docs/method.md section 10): per channel c (axis 0 of
+    the per-sample shape), y = γ_c x̂ + β_c with x̂ = s_c (x − μ_c), s_c = 1/√(σ²_c + ε).
+
+    μ, σ² and ε are constants of the exported model; γ (``weight``) and β (``bias``) are the
+    parameters whose traces are reported. With μ = 0, σ² = 1, ε = 0 it is a per-channel
+    diagonal layer y = γ x + β (how the folded view keeps a BN it cannot fold)."""
+
+    weight_name: str = ""
+    weight: np.ndarray = field(default_factory=lambda: np.ones(0))
+    bias_name: Optional[str] = None
+    bias: Optional[np.ndarray] = None
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    mean_name: str = ""  # the running mean's initializer (rescaled by docs/method.md section 10)
+    var: np.ndarray = field(default_factory=lambda: np.ones(0))
+    epsilon: float = 1e-5
+
+    @property
+    def kind(self) -> str:
+        return "batchnorm"
+
+    def channel_shape(self, ndim: int) -> tuple[int, ...]:
+        """Broadcast shape of a per-channel vector against a batch of rank ``ndim``."""
+        return (1, -1) + (1,) * (ndim - 2)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """s = 1/√(σ² + ε) per channel."""
+        return 1.0 / np.sqrt(self.var + self.epsilon)
+
+    @property
+    def multiplier(self) -> np.ndarray:
+        """γ s: ∂y/∂x per channel."""
+        return self.weight * self.scale
+
+    def normalised(self, x: np.ndarray) -> np.ndarray:
+        """x̂ = s (x − μ), for a batch (N, C, ...)."""
+        shape = self.channel_shape(x.ndim)
+        return (x - self.mean.reshape(shape)) * self.scale.reshape(shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        shape = self.channel_shape(x.ndim)
+        y = self.normalised(x) * self.weight.reshape(shape)
+        return y if self.bias is None else y + self.bias.reshape(shape)
+
+
+# ----------------------------------------------------------------- joining branches (DAG)
+
+
+@dataclass(frozen=True)
+class Add(LayerBase):
+    """Sum of two or more branches of the same shape (docs/method.md section 9); back-
+    propagation passes the signal unchanged to every input."""
+
+    other_inputs: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.input_name,) + self.other_inputs
+
+    def forward(self, *xs: np.ndarray) -> np.ndarray:
+        out = xs[0] + xs[1]
+        for x in xs[2:]:
+            out = out + x
+        return out
+
+
+@dataclass(frozen=True)
+class Concat(LayerBase):
+    """Concatenation of branches along the channel axis (axis 0 per sample); ``sizes`` are
+    the inputs' channel counts. Back-propagation splits the signal along that axis."""
+
+    other_inputs: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.input_name,) + self.other_inputs
+
+    def output_shape(self, in_shape):
+        return (sum(self.sizes),) + tuple(in_shape[1:])
+
+    def forward(self, *xs: np.ndarray) -> np.ndarray:
+        return np.concatenate(xs, axis=1)
+
+
+ParamLayer = Union[Dense, Conv2d, BatchNorm]
 Layer = Union[InputAffine, Relu, LeakyRelu, Reshape, Transpose, Pad2d, MaxPool2d, AvgPool2d,
-              Dense, Conv2d]
+              Dense, Conv2d, BatchNorm, Add, Concat]
 
 
 def is_parameterised(layer: LayerBase) -> bool:
-    return isinstance(layer, (Dense, Conv2d))
+    return isinstance(layer, (Dense, Conv2d, BatchNorm))
 
 
 @dataclass(frozen=True)
 class Network:
-    """A chain of layers from the graph input to the logits (before any post-processing)."""
+    """Layers in topological order from the graph input to the logits (before any
+    post-processing). Without ``Add``/``Concat`` it is a chain: each layer reads the
+    previous one's output (the fast path of ``forward`` and of the engine)."""
 
     layers: tuple[LayerBase, ...]
     input_name: str
@@ -293,17 +391,53 @@ class Network:
         """Number of logits per sample (outputs of a regressor, 1 for a binary head)."""
         return self.layer_shapes()[-1][0]
 
+    @cached_property
+    def is_chain(self) -> bool:
+        """No layer joins branches: every layer reads the previous layer's output."""
+        return not any(isinstance(l, (Add, Concat)) for l in self.layers)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(l, BatchNorm) for l in self.layers)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every tensor, by name (DAG networks)."""
+        shapes = {self.input_name: self.input_shape}
+        for layer in self.layers:
+            shapes[layer.output_name] = layer.output_shape(shapes[layer.input_name])
+        return shapes
+
     def layer_shapes(self) -> list[tuple[int, ...]]:
         """Per-sample shape after each layer (input shape first)."""
+        if not self.is_chain:
+            shapes = self.tensor_shapes()
+            return [self.input_shape] + [shapes[l.output_name] for l in self.layers]
         shapes = [self.input_shape]
         for layer in self.layers:
             shapes.append(layer.output_shape(shapes[-1]))
         return shapes
 
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape of each layer's (first) input."""
+        if self.is_chain:
+            return self.layer_shapes()[:-1]
+        shapes = self.tensor_shapes()
+        return [shapes[l.input_name] for l in self.layers]
+
     def forward(self, x: np.ndarray, keep_inputs: bool = False):
-        """Float64 reference forward. Returns logits, or (logits, inputs of every layer)."""
+        """Float64 reference forward. Returns logits, or (logits, (first) input of every
+        layer)."""
         a = np.asarray(x, dtype=np.float64)
         inputs = []
+        if not self.is_chain:
+            values = {self.input_name: a}
+            for layer in self.layers:
+                args = [values[n] for n in layer.inputs]
+                if keep_inputs:
+                    inputs.append(args[0])
+                values[layer.output_name] = layer.forward(*args)
+            a = values[self.logits_name]
+            return (a, inputs) if keep_inputs else a
         for layer in self.layers:
             if keep_inputs:
                 inputs.append(a)
@@ -315,7 +449,7 @@ class Network:
 
         def cast(layer):
             changes = {}
-            for name in ("weight", "bias", "slope"):
+            for name in ("weight", "bias", "slope", "mean", "var"):
                 value = getattr(layer, name, None)
                 if isinstance(value, np.ndarray):
                     changes[name] = value.astype(dtype)
@@ -324,7 +458,8 @@ class Network:
         return replace(self, layers=tuple(cast(l) for l in self.layers))
 
     def with_parameters(self, params: dict[str, np.ndarray]) -> "Network":
-        """Copy with some initializers replaced (keys: ONNX initializer names)."""
+        """Copy with some initializers replaced (keys: ONNX initializer names; for BatchNorm
+        also the running mean)."""
         layers = []
         for layer in self.layers:
             if is_parameterised(layer):
@@ -333,6 +468,8 @@ class Network:
                     changes["weight"] = params[layer.weight_name]
                 if layer.bias_name is not None and layer.bias_name in params:
                     changes["bias"] = params[layer.bias_name]
+                if isinstance(layer, BatchNorm) and layer.mean_name in params:
+                    changes["mean"] = params[layer.mean_name].reshape(-1)
                 layer = replace(layer, **changes)
             layers.append(layer)
         return replace(self, layers=tuple(layers))

@@ -1,4 +1,4 @@
-"""Measures beyond minimum sharpness that use the exact Hessian diagonal (spec section 5).
+"""Measures beyond minimum sharpness that use the exact Hessian diagonal (docs/method.md section 12).
 
 Normalised sharpness (after Tsuzuku, Sato & Sugiyama 2020, "Normalized flat minima"): their
 PAC-Bayesian bound with a Gaussian posterior whose standard deviations σ_ij = a_i b_j are
@@ -9,7 +9,7 @@ diagonal h (same shape),
 
 rows i = output units (channels), columns j = input units (channels; for a convolution the
 kernel positions of one (i, j) pair share a_i b_j, so h and w² are summed over them). Any
-neuron-wise rescaling (spec section 5) multiplies w_ij by γ_i/γ'_j and h_ij by its inverse
+neuron-wise rescaling (docs/method.md section 12) multiplies w_ij by γ_i/γ'_j and h_ij by its inverse
 square, which a and b absorb: NS_d is invariant, and so is NS = Σ_d NS_d. Biases are not
 part of it. In x = log a, y = log b the objective is a sum of exponentials of affine
 functions, hence convex; it is minimised by exact alternating minimisation (each a_i has the

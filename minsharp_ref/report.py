@@ -168,6 +168,13 @@ def layer_table(doc: dict) -> Table:
     return Table(LAYER_HEADERS, rows, frozenset({0, 5, 6, 7}))
 
 
+def class_table(classes: list[dict]) -> Table:
+    """α* per free class of the rescaling group (docs/method.md section 9)."""
+    rows = [[str(i + 1), c["tensor"], str(c["tensors"]), fmt(c["alpha"])]
+            for i, c in enumerate(classes)]
+    return Table(["class", "tensor", "tensors", "alpha*"], rows, frozenset({0, 2, 3}))
+
+
 def _solver(solver: dict) -> str:
     method = solver.get("method")
     if method == "newton":
@@ -205,15 +212,32 @@ def score_blocks(doc: dict) -> list[Block]:
     blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
     if doc.get("engine_check"):
         blocks.append(engine_line(doc))
+    if doc.get("distributed"):
+        dist = doc["distributed"]
+        blocks.append(f"dask: {dist['workers']} workers at {dist['scheduler']}, {dist['shards']} "
+                      f"shards of {dist['shard_size']} samples, {dist['seconds']:.3f} s")
     if doc.get("postprocessing"):
         blocks.append(f"scored the logits before the head (stripped): {', '.join(doc['postprocessing'])}")
-    blocks += ["", layer_table(doc), ""]
+    folded = doc.get("folded")
+    blocks.append("")
+    if folded:  # BatchNorm: both parametrisations, labelled (docs/method.md section 10)
+        blocks.append("original parametrisation (BatchNorm: Tr H_W is the trace of gamma, "
+                      "Tr H_b of beta):")
+    blocks += [layer_table(doc), ""]
     blocks.append(Strong(f"naive trace Tr H     {doc['trace']:.8g}  "
                          f"(± {_stderr(doc.get('trace_stderr'))} s.e. over samples)"))
+    if folded:
+        blocks += ["", "folded parametrisation (each BatchNorm folded into the layer before it; "
+                       "minimum sharpness is defined on it):", layer_table(folded), ""]
+        blocks.append(Strong(f"folded naive trace   {folded['trace']:.8g}  "
+                             f"(± {_stderr(folded.get('trace_stderr'))} s.e.)"))
     se = doc.get("minimum_sharpness_stderr")
     blocks.append(Strong(f"minimum sharpness    {doc['minimum_sharpness']:.8g}"
                          + (f"  (± {se:.2g} s.e.)" if se is not None else "")
                          + f"  [{_solver(doc.get('solver', {}))}]"))
+    if doc.get("solver", {}).get("problem") == "dag" and doc.get("classes"):
+        blocks += [f"alpha* per free class ({len(doc['classes'])} classes of tied tensors, each "
+                   "named by its first tensor):", class_table(doc["classes"])]
     if doc.get("loss") is not None:
         blocks.append(f"loss {doc['loss']:.6g}   accuracy {fmt_quantity('accuracy', doc['accuracy'])}")
     t = doc.get("timings") or {}

@@ -1,8 +1,8 @@
-"""Function-preserving rescalings of a network's parameters (spec sections 3 and 5).
+"""Function-preserving rescalings of a network's parameters (docs/method.md sections 5 and 12).
 
-* α-scale transformation (spec section 3): W_d → α_d W_d, b_d → c_d b_d with
+* α-scale transformation (docs/method.md section 5): W_d → α_d W_d, b_d → c_d b_d with
   c_d = Π_{j≤d} α_j and Π_d α_d = 1.
-* Neuron-wise rescaling (spec section 5): unit (or channel) i of layer d gets its incoming
+* Neuron-wise rescaling (docs/method.md section 12): unit (or channel) i of layer d gets its incoming
   weights and bias scaled by γ_{d,i} > 0 and its outgoing weights by 1/γ_{d,i}.
 
 Both positive homogeneity arguments need only that the operations between parameterised
@@ -14,14 +14,15 @@ new initializer values keyed by ONNX initializer name, applied to the IR with
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import MinsharpError
-from .ir import Dense, Network, is_parameterised
+from .group import Group, rescaling_group
+from .ir import BatchNorm, Dense, Network, is_parameterised
 
 
 def check_alpha(network: Network, alpha: Sequence[float], normalize: bool = False) -> np.ndarray:
@@ -57,6 +58,44 @@ def alpha_parameters(network: Network, alpha: np.ndarray) -> dict[str, np.ndarra
         params[layer.weight_name] = layer.weight * alpha[d]
         if layer.bias is not None:
             params[layer.bias_name] = layer.bias * c[d]
+    return params
+
+
+def uses_group(network: Network) -> bool:
+    """DAG or BatchNorm networks rescale with the group of docs/method.md section 9 (one ℓ
+    per class of tied tensors) instead of one α per layer."""
+    return not network.is_chain or network.has_batchnorm
+
+
+def random_log_scales(group: Group, rng: np.random.Generator, spread: float) -> np.ndarray:
+    """ℓ per free class, e^ℓ log-uniform over ``spread`` decades around 1."""
+    return np.log(10.0) * rng.uniform(-spread / 2, spread / 2, size=group.size)
+
+
+def group_parameters(network: Network, ell: np.ndarray,
+                     group: Optional[Group] = None) -> dict[str, np.ndarray]:
+    """docs/method.md section 9 on the stored initializers: for a layer from tensor ``in`` to
+    ``out``, W → e^{ℓ_out − ℓ_in} W and b → e^{ℓ_out} b. A BatchNorm is rescaled exactly,
+    keeping its node (section 10): γ → e^{ℓ_out − ℓ_in} γ, β → e^{ℓ_out} β, μ → e^{ℓ_in} μ
+    with σ² and ε unchanged, since γ s (e^{ℓ_in} x − e^{ℓ_in} μ) e^{ℓ_out − ℓ_in} + e^{ℓ_out} β
+    = e^{ℓ_out} (γ s (x − μ) + β); its folded network then transforms by the same group."""
+    group = group or rescaling_group(network)
+    e = np.append(np.asarray(ell, dtype=np.float64), 0.0)  # index −1: a fixed class
+    params: dict[str, np.ndarray] = {}
+
+    def put(name, value):
+        if name in params and not np.array_equal(params[name], value):
+            raise MinsharpError(f'initializer "{name}" is used by two layers that rescale '
+                                "differently")
+        params[name] = value
+
+    for p, layer in enumerate(network.param_layers):
+        lin, lout = e[group.layer_in[p]], e[group.layer_out[p]]
+        put(layer.weight_name, layer.weight * math.exp(lout - lin))
+        if layer.bias is not None:
+            put(layer.bias_name, layer.bias * math.exp(lout))
+        if isinstance(layer, BatchNorm):
+            put(layer.mean_name, layer.mean * math.exp(lin))
     return params
 
 
@@ -132,7 +171,10 @@ def neuron_parameters(network: Network, rng: np.random.Generator,
 
 def apply_to_proto(proto: onnx.ModelProto, params: dict[str, np.ndarray]) -> onnx.ModelProto:
     """Copy of the model with the named initializers (or Constant-node values) replaced,
-    each keeping its name, dtype and position; nothing else changes."""
+    each keeping its name, dtype and position; nothing else changes, except that a
+    parameter read through an Identity of another initializer (the legacy exporter's merged
+    bit-identical initializers, scored as a tensor of its own) becomes an initializer of its
+    own under the Identity's output name, and the Identity goes."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     done = set()
@@ -150,6 +192,15 @@ def apply_to_proto(proto: onnx.ModelProto, params: dict[str, np.ndarray]) -> onn
                     attr.t.CopyFrom(numpy_helper.from_array(
                         params[node.output[0]].reshape(tuple(attr.t.dims)).astype(dtype), attr.t.name))
                     done.add(node.output[0])
+    copies = {n.output[0]: n for n in model.graph.node
+              if n.op_type == "Identity" and n.output[0] in params and n.output[0] not in done}
+    for name, node in copies.items():  # a merged initializer's second use: its own tensor now
+        source = next(t for t in model.graph.initializer if t.name == node.input[0])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(source.data_type)
+        model.graph.initializer.append(numpy_helper.from_array(
+            params[name].reshape(tuple(source.dims)).astype(dtype), name))
+        model.graph.node.remove(node)
+        done.add(name)
     missing = set(params) - done
     if missing:
         raise MinsharpError(f"cannot rescale parameters {sorted(missing)}: not initializers or Constant values")

@@ -1,4 +1,7 @@
-"""Minimum sharpness from the per-tensor traces (spec sections 3 and 4).
+"""Minimum sharpness from the per-tensor traces (docs/method.md sections 3, 4 and 9).
+
+The convex solver is stated once here (``minimise_exponential_sum``); chains use it through
+``minimum_sharpness`` and DAGs through ``group.group_sharpness``.
 
 With t_d = Tr H_{W_d} and u_d = Tr H_{b_d} (u_d = 0 without a bias), the α-scale
 transformation W_d → α_d W_d, b_d → c_d b_d (c_d = Π_{j≤d} α_j, Π_d α_d = 1) sends the naive
@@ -30,13 +33,14 @@ class MinimumSharpness:
 
 
 def minimum_sharpness(t, u=None) -> MinimumSharpness:
-    """Exact infimum of the trace over the α-scale transformations.
+    """Exact infimum of the trace over the α-scale transformations of a chain.
 
     * no biases, all t_d > 0: Theorem 1, MS = D·(Π t_d)^{1/D} computed in the log domain as
       exp(log D + mean log t_d), attained at α_d² = t_d / (Π_j t_j)^{1/D}.
-    * biases: F(β) = Σ t_d e^{−2β_d} + Σ u_d e^{−2Σ_{j≤d}β_j} with β = log α on Σβ = 0 is
-      convex (strictly, when all t_d > 0); minimised by damped Newton steps until the
-      predicted decrease is below 1e-28·F.
+    * biases: with ℓ_d = log c_d (ℓ_0 = ℓ_D = 0, so Π α_d = 1 holds by construction),
+      F(ℓ) = Σ_d t_d e^{−2(ℓ_d − ℓ_{d−1})} + Σ_d u_d e^{−2ℓ_d}: the chain case of the
+      group problem of docs/method.md section 9, minimised by ``minimise_exponential_sum``
+      from the no-bias optimum; α_d = e^{ℓ_d − ℓ_{d−1}}.
     * a dead layer (t_d = 0): the infimum is not attained. Without biases it is 0. With
       biases it can be positive (c_D = 1 always, so u_D stays; more generally the dead
       layer only decouples the problem): the same Newton iteration, with least-squares
@@ -59,51 +63,75 @@ def minimum_sharpness(t, u=None) -> MinimumSharpness:
             return MinimumSharpness(value, tuple(np.exp(beta0).tolist()), "closed-form", 0.0, 0)
     else:
         beta0 = np.zeros(d)
-    beta, grad_norm, iters, converged = _newton(t, u, beta0)
-    value = float(np.sum(t * np.exp(-2 * beta)) + np.sum(u * np.exp(-2 * np.cumsum(beta))))
+    chain_in, chain_out = (-1,) + tuple(range(d - 1)), tuple(range(d - 1)) + (-1,)
+    rows, coefs = exponent_terms(chain_in, chain_out, t, u, d - 1)
+    ell, grad_norm, iters, converged = minimise_exponential_sum(rows, coefs, np.cumsum(beta0)[:-1])
+    value = float(np.sum(coefs * np.exp(rows @ ell)))
     if dead:
         return MinimumSharpness(value, None, "dead-layer", grad_norm, iters, dead, converged)
-    return MinimumSharpness(value, tuple(np.exp(beta).tolist()), "newton", grad_norm, iters,
+    alpha = np.exp(np.diff(np.concatenate([[0.0], ell, [0.0]])))
+    return MinimumSharpness(value, tuple(alpha.tolist()), "newton", grad_norm, iters,
                             (), converged)
 
 
-def _objective(t, u, beta):
-    """F(β), its gradient and Hessian (in β ∈ R^D; the constraint is applied by projection)."""
+# ------------------------------------------------- the one solver, for chains and DAGs
+
+
+def exponent_terms(layer_in, layer_out, t, u, size: int):
+    """Rows a_j and coefficients c_j of F(ℓ) = Σ_j c_j e^{a_j·ℓ} over ``size`` free
+    log-scales (docs/method.md section 9): a layer p from class ``layer_in[p]`` to class
+    ``layer_out[p]`` (−1: a fixed class, ℓ = 0) contributes t_p e^{−2(ℓ_out − ℓ_in)} and
+    u_p e^{−2ℓ_out}. Terms with a zero coefficient are left out."""
+    rows, coefs = [], []
+    for p, (i, o) in enumerate(zip(layer_in, layer_out)):
+        for value, is_bias in ((t[p], False), (u[p], True)):
+            if value <= 0:
+                continue
+            a = np.zeros(size + 1)  # last entry: the fixed classes, dropped
+            a[o] -= 2.0
+            if not is_bias:
+                a[i] += 2.0
+            rows.append(a[:size])
+            coefs.append(value)
+    return np.array(rows, dtype=np.float64).reshape(len(rows), size), np.array(coefs)
+
+
+def _objective(rows, coefs, ell):
+    """F(ℓ) = Σ_j c_j e^{a_j·ℓ}, its gradient and Hessian."""
     with np.errstate(over="ignore", invalid="ignore"):  # a too-long trial step gives inf: rejected
-        wt = t * np.exp(-2 * beta)
-        wu = u * np.exp(-2 * np.cumsum(beta))
-    tail = np.cumsum(wu[::-1])[::-1]  # tail[d] = Σ_{e≥d} wu_e
-    f = wt.sum() + wu.sum()
-    grad = -2 * wt - 2 * tail
-    idx = np.arange(t.size)
-    hess = np.diag(4 * wt) + 4 * tail[np.maximum.outer(idx, idx)]
-    return f, grad, hess
+        w = coefs * np.exp(rows @ ell)
+    return w.sum(), rows.T @ w, (rows.T * w) @ rows
 
 
-def _newton(t, u, beta):
-    """Damped Newton on the plane Σβ = 0, in an orthonormal basis of the plane.
-    Returns (β, relative projected gradient norm, iterations, converged)."""
-    d = t.size
-    basis = np.linalg.qr(np.vstack([np.ones(d), np.eye(d)[:-1]]).T)[0][:, 1:]  # D × (D−1)
-    f, grad, hess = _objective(t, u, beta)
+def minimise_exponential_sum(rows, coefs, ell):
+    """Damped Newton on the convex F(ℓ) = Σ_j c_j e^{a_j·ℓ}, with least-squares steps (a
+    singular Hessian: directions on which F is constant, or along which it decays to an
+    unattained infimum). Once the predicted decrease is below F's rounding, one full step
+    polishes ℓ (quadratic convergence), so that traces that differ in the last bits give
+    ℓ* that differ in the last bits. Returns (ℓ, relative gradient norm, iterations,
+    converged)."""
+    ell = np.asarray(ell, dtype=np.float64)
+    f, grad, hess = _objective(rows, coefs, ell)
+    if ell.size == 0:
+        return ell, 0.0, 0, True
     for it in range(MAX_ITERATIONS):
-        g = basis.T @ grad
-        h = basis.T @ hess @ basis
-        rel = float(np.linalg.norm(g) / f)
-        step = basis @ np.linalg.lstsq(h, -g, rcond=None)[0]
-        decrement = float(-g @ (basis.T @ step))  # Newton decrement²: twice the predicted gain
-        if decrement <= 1e-28 * f:
-            return beta, rel, it, True
+        rel = float(np.linalg.norm(grad) / f)
+        step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
+        decrement = float(-grad @ step)  # Newton decrement²: twice the predicted gain
+        if decrement <= 1e-20 * f:
+            f_new, grad_new, _ = _objective(rows, coefs, ell + step)
+            rel_new = float(np.linalg.norm(grad_new) / f_new) if np.isfinite(f_new) else rel
+            return (ell + step, rel_new, it + 1, True) if rel_new < rel else (ell, rel, it, True)
         s = 1.0
         while True:
-            candidate = beta + s * step
-            f_new, grad_new, hess_new = _objective(t, u, candidate)
+            candidate = ell + s * step
+            f_new, grad_new, hess_new = _objective(rows, coefs, candidate)
             if np.isfinite(f_new) and f_new <= f - 0.25 * s * decrement:
                 break
             s *= 0.5
             if s < 1e-12:  # no decrease representable: at the minimum to rounding
-                return beta, rel, it, True
+                return ell, rel, it, True
         if f_new >= f:  # the decrease is below the rounding of F: at the minimum
-            return beta, rel, it, True
-        beta, f, grad, hess = candidate, f_new, grad_new, hess_new
-    return beta, float(np.linalg.norm(basis.T @ grad) / f), MAX_ITERATIONS, False
+            return ell, rel, it, True
+        ell, f, grad, hess = candidate, f_new, grad_new, hess_new
+    return ell, float(np.linalg.norm(grad) / f), MAX_ITERATIONS, False

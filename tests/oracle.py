@@ -257,6 +257,27 @@ class _Builder:
             inputs.append(self._init(self._name("padval"), np.array(0.0)))
         self._node("Pad", inputs, mode="constant")
 
+    # -- branches (DAGs) and BatchNorm -------------------------------------------------
+
+    def batchnorm(self, epsilon=1e-3):
+        """Inference-mode BatchNormalization with random γ, β and running statistics."""
+        c = self.shape()[0]
+        g_name = self._init(self._name("gamma"), self.rng.uniform(0.5, 1.5, c) * self.rng.choice([-1, 1], c))
+        b_name = self._init(self._name("beta"), self._bias((c,)))
+        m_name = self._init(self._name("mean"), self.rng.normal(0.0, 0.5, c))
+        v_name = self._init(self._name("var"), self.rng.uniform(0.3, 2.0, c))
+        self._node("BatchNormalization", [self.cur, g_name, b_name, m_name, v_name],
+                   epsilon=float(epsilon))
+        self.weights.append(g_name)
+        self.biases.append(b_name)
+
+    def join(self, op, other: str):
+        """Add or Concat (channels) of the current tensor and ``other``."""
+        if op == "Concat":
+            self._node("Concat", [self.cur, other], axis=1)
+        else:
+            self._node("Add", [self.cur, other])
+
     def finish(self) -> Built:
         k = self.shape()
         assert len(k) == 1 and k[0] >= 1, k
@@ -463,9 +484,12 @@ class Oracle:
 
         nodes = list(graph.node)
         self.evaluator = model(nodes, "x")
-        # per parameter: (its consumer's data input, evaluator of the chain from there on)
+        # per parameter: (its consumer's data input, evaluator of the chain from there on);
+        # a DAG (branches joined by Add/Concat) is always evaluated in full
         self.suffix: dict[str, tuple[str, ReferenceEvaluator]] = {}
-        for name in self.values:
+        self.dag = any(n.op_type == "Concat" or (n.op_type == "Add" and not set(n.input) & (params | set(const)))
+                       for n in nodes)
+        for name in ([] if self.dag else self.values):
             i = next(k for k, n in enumerate(nodes) if name in n.input)
             data_in = [t for t in nodes[i].input if t and t not in self.values and t not in const]
             assert len(data_in) == 1, nodes[i]
@@ -480,6 +504,8 @@ class Oracle:
 
     def _partial(self, x, name: str):
         """A function θ ↦ logits with only ``name`` varied (evaluated from its layer on)."""
+        if self.dag:
+            return lambda theta: self.logits(x, {name: theta})
         data_in, ev = self.suffix[name]
         feeds = dict(self.values)
         feeds["x"] = np.asarray(x, dtype=np.float64)

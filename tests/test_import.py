@@ -147,26 +147,35 @@ def test_refuses_non_homogeneous_activation(op, reason):
     assert str(e.value) == f'node "/act/{op}" ({op}): {reason}'
 
 
-def test_refuses_batchnorm_with_reason():
+def test_batchnorm_imports_and_other_normalisations_are_refused():
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"], name="/bn/BatchNormalization"),
              helper.make_node("Flatten", ["bn"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "W2"], ["y"], name="g", transB=1)]
     inits = [const("W", (2, 1, 3, 3)), const("s", (2,)), const("b", (2,)), const("m", (2,)),
              const("v", value=[1.0, 1.0]), const("W2", (3, 18))]
-    with pytest.raises(MinsharpError, match=r'^node "/bn/BatchNormalization" \(BatchNormalization\): folding a normalisation layer'):
+    assert [l.kind for l in convert(model(nodes, inits, [1, 5, 5])).param_layers] == \
+        ["conv2d", "batchnorm", "dense"]
+    nodes[1] = helper.make_node("InstanceNormalization", ["c", "s", "b"], ["bn"], name="/in")
+    with pytest.raises(MinsharpError, match=r'^node "/in" \(InstanceNormalization\): normalises '
+                                            r"with the sample's own statistics"):
         convert(model(nodes, inits, [1, 5, 5]))
 
 
-def test_refuses_residual_add_and_concat():
+def test_residual_add_and_concat_import_and_other_joins_are_refused():
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["z1"], name="g1", transB=1),
              helper.make_node("Relu", ["z1"], ["a1"], name="r"),
              helper.make_node("Add", ["a1", "z1"], ["res"], name="/res/Add"),
              helper.make_node("Gemm", ["res", "W2"], ["y"], name="g2", transB=1)]
-    with pytest.raises(MinsharpError, match=r'^node "/res/Add" \(Add\): combines two computed tensors'):
-        convert(model(nodes, [const("W1", (3, 3)), const("W2", (2, 3))], [3]))
+    net = convert(model(nodes, [const("W1", (3, 3)), const("W2", (2, 3))], [3]))
+    assert not net.is_chain and net.layers[2].inputs == ("a1", "z1")
     nodes[2] = helper.make_node("Concat", ["a1", "z1"], ["res"], name="/cat", axis=1)
-    with pytest.raises(MinsharpError, match=r"\(Concat\): combines or splits computed tensors"):
+    assert convert(model(nodes, [const("W1", (3, 3)), const("W2", (2, 6))], [3])).layers[2].sizes == (3, 3)
+    nodes[2] = helper.make_node("Mul", ["a1", "z1"], ["res"], name="/mul")
+    with pytest.raises(MinsharpError, match=r'^node "/mul" \(Mul\): combines two computed tensors'):
+        convert(model(nodes, [const("W1", (3, 3)), const("W2", (2, 3))], [3]))
+    nodes[2] = helper.make_node("Concat", ["a1", "z1"], ["res"], name="/cat0", axis=0)
+    with pytest.raises(MinsharpError, match=r"\(Concat\): axis=0: only concatenation along channels"):
         convert(model(nodes, [const("W1", (3, 3)), const("W2", (2, 6))], [3]))
 
 

@@ -28,7 +28,7 @@ NOT_HOMOGENEOUS = {
     "Softmax", "LogSoftmax", "Hardmax", "Sin", "Cos", "Abs", "Neg", "Sign", "Floor", "Ceil",
     "Round", "LpNormalization", "LRN", "Swish",
 }
-NORMALISATION = {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
+NORMALISATION = {"InstanceNormalization", "LayerNormalization",
                  "GroupNormalization", "RMSNormalization"}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
@@ -54,6 +54,9 @@ class Context:
     layers: list = field(default_factory=list)
     live: str = ""
     used_params: dict[str, str] = field(default_factory=dict)  # initializer → node
+    #: Identity outputs of constants: the legacy exporter stores bit-identical initializers
+    #: once and feeds the other uses through an Identity (see ``param``)
+    copies: set[str] = field(default_factory=set)
 
     def canonical(self, name: str) -> str:
         while name in self.alias:
@@ -95,16 +98,18 @@ def converter(*op_types: str):
 
 
 def data_input(node, ctx) -> str:
-    """The node's single data input, which must be the end of the chain."""
+    """The node's single data input (canonical name). Any computed tensor may be read, by
+    any number of nodes (fan-out); only Add, Sum and Concat may read two (merge.py)."""
     data = [n for n in node.input if ctx.is_data(n)]
     if len(data) != 1:
-        raise fail(node, "combines two computed tensors (a residual connection or branch); "
-                          "only chain networks are supported")
-    name = ctx.canonical(data[0])
-    if name != ctx.live:
-        raise fail(node, f'reads "{data[0]}", which already feeds another node: branches '
-                          "are not supported, only chain networks")
-    return name
+        raise fail(node, "combines two computed tensors; only Add, Sum and Concat may join "
+                          "branches")
+    return ctx.canonical(data[0])
+
+
+def producer(ctx, name: str):
+    """The layer that writes tensor ``name``, or None (the graph input)."""
+    return next((l for l in reversed(ctx.layers) if l.output_name == name), None)
 
 
 def const(node, ctx, index: int, what: str) -> Optional[np.ndarray]:
@@ -116,6 +121,16 @@ def const(node, ctx, index: int, what: str) -> Optional[np.ndarray]:
     return ctx.consts[name]
 
 
+def computed_zeros(node, ctx, index: int) -> bool:
+    """True when input ``index`` is a constant computed by folded nodes (not an initializer)
+    and all zeros: the dynamo exporter builds the bias of a bias-free conv this way at run
+    time (Shape, Expand, CastLike on the input)."""
+    if index >= len(node.input) or not node.input[index]:
+        return False
+    name = node.input[index]
+    return name in ctx.consts and name not in ctx.param_source and not np.any(ctx.consts[name])
+
+
 def param(node, ctx, index: int, what: str) -> Optional[tuple[str, np.ndarray, bool]]:
     """(initializer name, stored values as float64, transposed?) of a parameter input."""
     if index >= len(node.input) or not node.input[index]:
@@ -125,6 +140,10 @@ def param(node, ctx, index: int, what: str) -> Optional[tuple[str, np.ndarray, b
         raise fail(node, f'{what} "{name}" is computed by other nodes; parameters must be '
                           "initializers or Constant nodes")
     source, transposed = ctx.param_source[name]
+    if source in ctx.used_params and name in ctx.copies and name not in ctx.used_params:
+        # a second use through an Identity (bit-identical initializers merged by the legacy
+        # exporter): a parameter of its own in the user's model, named by the Identity output
+        source = name
     if source in ctx.used_params:
         raise fail(node, f'initializer "{source}" is also used by node '
                           f'"{ctx.used_params[source]}"; shared parameters are not supported')

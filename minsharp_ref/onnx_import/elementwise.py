@@ -8,18 +8,22 @@ import dataclasses
 import numpy as np
 
 from .. import ir
-from .context import const, converter, data_input, emit, fail, param, per_sample_constant
+from .context import (const, converter, data_input, emit, fail, param, per_sample_constant,
+                      producer)
+from .merge import add_branches
 
 
 @converter("Add", "Sub", "Mul", "Div")
 def _elementwise(node, ctx):
+    if node.op_type == "Add" and sum(ctx.is_data(n) for n in node.input) > 1:
+        return add_branches(node, ctx)
     x = data_input(node, ctx)
     data_first = ctx.canonical(node.input[0]) == x
     c = const(node, ctx, 1 if data_first else 0, "operand").astype(np.float64)
     shape = ctx.shapes[x]
-    last = ctx.layers[-1] if ctx.layers else None
-    if (node.op_type == "Add" and ir.is_parameterised(last) and last.output_name == x
-            and last.bias is None):
+    last = producer(ctx, x)
+    if (node.op_type == "Add" and isinstance(last, (ir.Dense, ir.Conv2d)) and last.bias is None
+            and not any(x in l.inputs for l in ctx.layers)):
         # MatMul (or Conv) + Add: the constant is the layer's bias
         out = last.out_features if isinstance(last, ir.Dense) else last.out_channels
         expected = (out,) if isinstance(last, ir.Dense) else (out, 1, 1)
@@ -28,7 +32,7 @@ def _elementwise(node, ctx):
             raise fail(node, f"adds a constant of shape {c.shape} after a layer with {out} "
                               "outputs: not a bias, and not positively homogeneous")
         source = param(node, ctx, 1 if data_first else 0, "bias")
-        ctx.layers[-1] = dataclasses.replace(
+        ctx.layers[ctx.layers.index(last)] = dataclasses.replace(
             last, bias_name=source[0], bias=source[1], output_name=node.output[0],
             nodes=last.nodes + (node.name or node.output[0],))
         ctx.shapes[node.output[0]] = shape

@@ -42,6 +42,7 @@ def _fold(node: onnx.NodeProto, ctx: Context, opsets) -> None:
         ctx.consts[node.output[0]] = inputs[0]
         if node.input[0] in ctx.param_source:
             ctx.param_source[node.output[0]] = ctx.param_source[node.input[0]]
+            ctx.copies.add(node.output[0])
         return
     names = [f"in{i}" if n else "" for i, n in enumerate(node.input)]
     outs = [f"out{i}" if n else "" for i, n in enumerate(node.output)]
@@ -168,17 +169,17 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
                 raise fail(node, "not positively homogeneous, minimum sharpness is not defined "
                                   "for this network")
             if node.op_type in NORMALISATION:
-                raise fail(node, "folding a normalisation layer into the preceding layer changes "
-                                  "the parameterisation, so minsharp-ref will not do it silently; "
-                                  "fold it before export if that is what you want")
-            if node.op_type in ("Concat", "Sum", "Max", "Min", "Mean", "Where", "Split"):
-                raise fail(node, "combines or splits computed tensors (branches); only chain "
-                                  "networks are supported")
+                raise fail(node, "normalises with the sample's own statistics: not positively "
+                                  "homogeneous (only inference-mode BatchNormalization is supported)")
+            if node.op_type in ("Max", "Min", "Mean", "Where", "Split"):
+                raise fail(node, "combines or splits computed tensors; only Add, Sum and Concat "
+                                  "may join branches")
             raise fail(node, "op type not supported between parameterised layers")
         fn(node, ctx)
     logits = ctx.canonical(head.logits)
     if logits != ctx.live:
         raise MinsharpError(f'the logits "{head.logits}" are not the end of the chain "{ctx.live}"')
+    _check_reaches_logits(ctx, logits)
     shape = ctx.shapes[logits]
     if len(shape) != 1:
         raise MinsharpError(f'the logits "{logits}" have per-sample shape {shape}; need '
@@ -191,3 +192,15 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     elem = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     return ir.Network(tuple(ctx.layers), inp.name, tuple(per_sample), np.dtype(elem), logits,
                       graph.output[0].name, opset, head.describe(), loss)
+
+
+def _check_reaches_logits(ctx: Context, logits: str) -> None:
+    """Every layer must lie on a path to the logits (a branch that ends elsewhere, e.g. in
+    a second graph output, is not part of the scored network)."""
+    wanted = {logits}
+    for layer in reversed(ctx.layers):
+        if layer.output_name in wanted:
+            wanted.update(layer.inputs)
+        else:
+            raise MinsharpError(f'node "{layer.nodes[0]}" does not contribute to the logits '
+                                f'"{logits}"')

@@ -102,3 +102,13 @@ def _shape(node, ctx):
     a = attrs(node)
     full = np.array((BATCH,) + ctx.shapes[name], dtype=np.int64)
     ctx.consts[node.output[0]] = full[a.get("start", 0):a.get("end", None)]
+
+
+@converter("CastLike")
+def _cast_like(node, ctx):
+    """CastLike(constant, activation): a constant in the activations' float type (the dynamo
+    exporter builds zero conv biases so); casting activations themselves is an alias."""
+    if node.input[0] in ctx.consts:
+        ctx.consts[node.output[0]] = np.asarray(ctx.consts[node.input[0]], dtype=np.float64)
+        return
+    ctx.alias[node.output[0]] = data_input(node, ctx)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from .. import ir
 from ..windows import Geometry
-from .context import attrs, const, converter, data_input, emit, fail, param
+from .context import attrs, computed_zeros, const, converter, data_input, emit, fail, param
 
 
 def spatial_geometry(node, ctx, in_hw, kernel, ceil_mode=False) -> Geometry:
@@ -53,7 +54,7 @@ def _conv(node, ctx):
     if kernel != weight.shape[2:]:
         raise fail(node, f"kernel_shape {kernel} disagrees with the weight {weight.shape}")
     geom = spatial_geometry(node, ctx, shape[1:], kernel)
-    bias = param(node, ctx, 2, "bias")
+    bias = None if computed_zeros(node, ctx, 2) else param(node, ctx, 2, "bias")
     if bias is not None and bias[1].size != weight.shape[0]:
         raise fail(node, f"bias of shape {bias[1].shape} does not match {weight.shape[0]} channels")
     emit(ctx, node, ir.Conv2d, x, weight_name=weight_name, weight=weight, geometry=geom,
@@ -94,6 +95,31 @@ def _global_pool(node, ctx):
         emit(ctx, node, ir.MaxPool2d, x, geometry=geom)
     else:
         emit(ctx, node, ir.AvgPool2d, x, geometry=geom)
+
+
+@converter("ReduceMean")
+def _reduce_mean(node, ctx):
+    """Mean over the two spatial axes of (C, H, W): global average pooling (the dynamo
+    exporter writes ``x.mean((2, 3))`` and AdaptiveAvgPool2d(1) so); keepdims=0 adds a
+    Reshape to (C,)."""
+    x, shape = _pool_input(node, ctx)
+    a = attrs(node)
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = const(node, ctx, 1, "axes").reshape(-1).tolist()
+    if axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
+        raise fail(node, f"axes {axes}: only the mean over the spatial axes (2, 3) is supported")
+    out = node.output[0]
+    if a.get("keepdims", 1):
+        emit(ctx, node, ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
+        return
+    pooled = f"{out}::pooled"
+    inner = onnx.NodeProto()
+    inner.CopyFrom(node)
+    del inner.output[:]
+    inner.output.append(pooled)
+    emit(ctx, inner, ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
+    emit(ctx, node, ir.Reshape, pooled, shape=(shape[0],))
 
 
 @converter("Pad")

@@ -105,9 +105,10 @@ def _(layer: MaxPool2d, ctx, g):
 
     The per-sample routing mask (one-hot arg-max offsets i·kw + j) is formed once and
     broadcast over the R signals; the masked signals are columns, added back by col2im.
-    When the pool's input is a ReLU/LeakyReLU output (``Context.fused_activations``), the
-    activation's factor at the arg-max, which has the sign of the pool's output, is folded
-    into that mask, and the activation's own rule does nothing."""
+    When the pool's input is a ReLU output or a LeakyReLU output with a slope ≥ 0
+    (``Context.fused_activations``), the activation's factor at the arg-max, which has the
+    sign of the pool's output, is folded into that mask, and the activation's own rule does
+    nothing (docs/method.md, section 11)."""
     b = ctx.b
     geom = layer.geometry
     c, h, w = ctx.in_shape(layer)
