@@ -72,11 +72,12 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     start = first_param_index(network)
     for i in range(len(network.layers) - 1, start - 1, -1):
         layer = network.layers[i]
-        before = network.layers[i - 1]
-        if (i > start and isinstance(layer, MaxPool2d) and before.output_name == layer.input_name
+        before = network.layers[i - 1] if i > start else None
+        # in a chain, an activation read only by a max pool: the pool applies its factor
+        if (network.is_chain and isinstance(layer, MaxPool2d)
                 and (isinstance(before, Relu)
                      or isinstance(before, LeakyRelu) and np.all(before.slope >= 0))):
-            ctx.fused_activations[before.output_name] = before  # the pool applies its factor
+            ctx.fused_activations[before.output_name] = before
         g = at.pop(layer.output_name)
         if is_parameterised(layer):
             measured[id(layer)] = measure(layer, ctx, g, diagonal)

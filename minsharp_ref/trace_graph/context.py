@@ -20,7 +20,7 @@ class Context:
     signals: int = 0  # R: signals per sample (rows of the loss-Hessian factor)
     derived: dict[str, str] = field(default_factory=dict)  # effective parameter tensors, made once
     # activation output → its (Leaky)ReLU layer, when the max pool reading it applies the
-    # activation's factor in its routing mask (``backward``), so the activation's rule does not
+    # activation's factor in its routing mask (``backward``) and the activation's rule is skipped
     fused_activations: dict[str, LayerBase] = field(default_factory=dict)
 
     def input_of(self, layer: LayerBase) -> str:
