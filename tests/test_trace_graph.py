@@ -20,7 +20,7 @@ import re
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, example, given, reject, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -29,12 +29,13 @@ from minsharp_ref.api import traces_over
 from minsharp_ref.cli import app
 from minsharp_ref.engine import per_sample_traces, tensor_columns
 from minsharp_ref.errors import MinsharpError
-from minsharp_ref.ir import LayerBase
+from minsharp_ref.group import folded_view
+from minsharp_ref.ir import BatchNorm, LayerBase
 from minsharp_ref.onnx_import import ImportedModel, convert, import_model
 from minsharp_ref.trace_graph import build_trace_graph
 
 from conftest import FIXTURES, MNIST
-from oracle import KinkError, Oracle, build, data
+from oracle import KinkError, Oracle, _Builder, build, data
 from test_dag import draw_dag, wirings
 from test_oracle_traces import CASES, conv_models, mlp_models
 
@@ -190,15 +191,10 @@ def test_drawn_conv_nets_match_oracle(arch):
     _drawn(arch, dtype=np.float32)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
-@given(seed=st.integers(0, 2 ** 16), wiring=wirings, bn_stem=st.booleans())
-def test_drawn_dags_match_oracle_and_numpy_engine(seed, wiring, bn_stem):
-    """Drawn residual/DenseNet-style nets (random Add/Concat wiring, projections, BatchNorm
-    with random running statistics; tests/test_dag.py): the float32 graph's W, b, γ, β
-    traces against the finite-difference oracle, and every column (the folded view's too)
-    against the float64 NumPy engine, at the tiny nets' float32 tolerance."""
-    built = draw_dag(seed, wiring, bn_stem)
-    x = data(built, 5, seed + 1)
+def check_dag_against_oracle_and_numpy_engine(built, x):
+    """The float32 graph's W, b, γ, β traces against the finite-difference oracle, and every
+    column (the folded view's too) against the float64 NumPy engine, at the tiny nets'
+    float32 tolerance."""
     imported = ImportedModel(None, "", built.proto, convert(built.proto))
     fast = traces_over(imported, [x], None, "cpu", check=False, engine="onnxruntime",
                        precision="float32")
@@ -209,6 +205,38 @@ def test_drawn_dags_match_oracle_and_numpy_engine(seed, wiring, bn_stem):
     want = ref.sums.mean
     assert np.all(np.abs(got - want) <= 2e-4 * np.abs(want) + 1e-7 * np.abs(want).sum())
     assert_close(dict(zip(names, got[:len(names)])), Oracle(built).traces(x), 2e-4, 1e-7)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2 ** 16), wiring=wirings, bn_stem=st.booleans())
+@example(seed=3, wiring=[("Concat", True, True), ("Add", False, False)], bn_stem=True)
+def test_drawn_dags_match_oracle_and_numpy_engine(seed, wiring, bn_stem):
+    """Drawn residual/DenseNet-style nets (random Add/Concat wiring, projections, BatchNorm
+    with random running statistics; tests/test_dag.py)."""
+    built = draw_dag(seed, wiring, bn_stem)
+    check_dag_against_oracle_and_numpy_engine(built, data(built, 5, seed + 1))
+
+
+def test_batchnorm_that_cannot_be_folded():
+    """A BN after an Add and a BN on flattened features (1-D per sample): the folded view
+    keeps them as per-channel diagonal layers, measured by the same BatchNorm rule."""
+    b = _Builder((2, 5, 5), np.random.default_rng(7), gain=1.2)
+    b.conv(3, pads=(1, 1, 1, 1))
+    b.relu()
+    skip = b.cur
+    b.conv(3, pads=(1, 1, 1, 1))
+    b.relu()
+    b.join("Add", skip)
+    b.batchnorm()
+    b.relu()
+    b.gap()
+    b.flatten()
+    b.batchnorm()
+    b.gemm(3)
+    built = b.finish()
+    folded = folded_view(convert(built.proto))
+    assert sum(isinstance(layer, BatchNorm) for layer in folded.layers) == 2
+    check_dag_against_oracle_and_numpy_engine(built, data(built, 5, 8))
 
 
 # ----------------------------------------------------------------- export, refusal, CLI
