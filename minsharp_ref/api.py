@@ -336,7 +336,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
 def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
     """The fast engine's certificate: its first ENGINE_CHECK_SAMPLES samples re-scored by
     the float64 NumPy engine; the largest relative deviation of a per-tensor trace (mean
-    over those samples), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
+    over those samples; every column, a BatchNorm network's folded view's included),
+    |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
     whose reference trace is 0 counts its absolute deviation relative to the total)."""
     m = ENGINE_CHECK_SAMPLES
     logits, inputs = network.forward(x[:m], keep_inputs=True)

@@ -91,7 +91,7 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     signals, ctx.signals = LOSS_HEADS[network.loss](ctx, logits, k)
 
     layers = traced_layers(network)
-    keep = {layer.output_name for layer in layers}  # signals measured by the folded view
+    keep = {layer.output_name for layer in layers[len(network.param_layers):]}  # folded view's
     at: dict[str, str] = {network.logits_name: signals}  # tensor name → pending signals
     kept: dict[str, str] = {}
     needs = signal_tensors(network)

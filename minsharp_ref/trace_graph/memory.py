@@ -21,6 +21,8 @@ def graph_bytes_per_sample(network: Network, itemsize: int = 4) -> int:
     for i in range(first_param_index(network), len(network.layers)):
         layer, a, z = network.layers[i], int(np.prod(in_shapes[i])), int(np.prod(shapes[i + 1]))
         need = 2 * k * (a + z)
+        if not network.is_chain:  # signals waiting at branch points: about one more layer's
+            need += k * z
         if isinstance(layer, Conv2d):
             q = layer.weight[0].size
             p = int(np.prod(shapes[i + 1][1:]))
