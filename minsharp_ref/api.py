@@ -262,9 +262,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     if engine == "onnxruntime":
         from .trace_graph.runner import TraceGraphRunner
 
-        if not network.is_chain or network.has_batchnorm:
-            raise MinsharpError("--engine onnxruntime supports chain networks without BatchNorm; "
-                                "use --engine numpy for networks with branches or BatchNorm")
+        folded = folded_view(network)  # BatchNorm: its columns follow the original ones
         runner = TraceGraphRunner(network, provider, precision, diagonal)
         provider_used, precision, workers = runner.provider, runner.precision, runner.workers
 
@@ -377,11 +375,17 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
 def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
     """The fast engine's certificate: its first ENGINE_CHECK_SAMPLES samples re-scored by
     the float64 NumPy engine; the largest relative deviation of a per-tensor trace (mean
-    over those samples), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
+    over those samples; every column, a BatchNorm network's folded view's included),
+    |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
     whose reference trace is 0 counts its absolute deviation relative to the total)."""
     m = ENGINE_CHECK_SAMPLES
     logits, inputs = network.forward(x[:m], keep_inputs=True)
-    ref = per_sample_traces(network, inputs, logits).mean(axis=0)
+    ref = per_sample_traces(network, inputs, logits)
+    folded = folded_view(network)
+    if folded is not None:  # BatchNorm: the folded parametrisation's columns are checked too
+        ref = np.hstack([ref, per_sample_traces(folded, folded_inputs(network, folded, inputs),
+                                                logits)])
+    ref = ref.mean(axis=0)
     fast = traces[:m].mean(axis=0)
     scale = np.where(ref != 0, np.abs(ref), max(float(np.abs(ref).sum()), np.finfo(float).tiny))
     deviation = float(np.max(np.abs(fast - ref) / scale))

@@ -106,22 +106,28 @@ def _objective(rows, coefs, ell):
 def minimise_exponential_sum(rows, coefs, ell):
     """Damped Newton on the convex F(ℓ) = Σ_j c_j e^{a_j·ℓ}, with least-squares steps (a
     singular Hessian: directions on which F is constant, or along which it decays to an
-    unattained infimum). Once the predicted decrease is below F's rounding, one full step
-    polishes ℓ (quadratic convergence), so that traces that differ in the last bits give
-    ℓ* that differ in the last bits. Returns (ℓ, relative gradient norm, iterations,
-    converged)."""
+    unattained infimum). It stops once the predicted decrease is below F's rounding, or the
+    line search finds no representable decrease; then one full step polishes ℓ (quadratic
+    convergence), kept when it lowers the gradient, so that traces that differ in the last
+    bits give ℓ* that differ in the last bits. Returns (ℓ, relative gradient norm,
+    iterations, converged)."""
     ell = np.asarray(ell, dtype=np.float64)
     f, grad, hess = _objective(rows, coefs, ell)
     if ell.size == 0:
         return ell, 0.0, 0, True
-    for it in range(MAX_ITERATIONS):
+
+    def polished(ell, grad, hess, f, it):
         rel = float(np.linalg.norm(grad) / f)
+        step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
+        f_new, grad_new, _ = _objective(rows, coefs, ell + step)
+        rel_new = float(np.linalg.norm(grad_new) / f_new) if np.isfinite(f_new) else rel
+        return (ell + step, rel_new, it + 1, True) if rel_new < rel else (ell, rel, it, True)
+
+    for it in range(MAX_ITERATIONS):
         step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
         decrement = float(-grad @ step)  # Newton decrement²: twice the predicted gain
         if decrement <= 1e-20 * f:
-            f_new, grad_new, _ = _objective(rows, coefs, ell + step)
-            rel_new = float(np.linalg.norm(grad_new) / f_new) if np.isfinite(f_new) else rel
-            return (ell + step, rel_new, it + 1, True) if rel_new < rel else (ell, rel, it, True)
+            return polished(ell, grad, hess, f, it)
         s = 1.0
         while True:
             candidate = ell + s * step
@@ -130,8 +136,8 @@ def minimise_exponential_sum(rows, coefs, ell):
                 break
             s *= 0.5
             if s < 1e-12:  # no decrease representable: at the minimum to rounding
-                return ell, rel, it, True
+                return polished(ell, grad, hess, f, it)
         if f_new >= f:  # the decrease is below the rounding of F: at the minimum
-            return ell, rel, it, True
+            return polished(ell, grad, hess, f, it)
         ell, f, grad, hess = candidate, f_new, grad_new, hess_new
     return ell, float(np.linalg.norm(grad) / f), MAX_ITERATIONS, False

@@ -265,13 +265,3 @@ def test_diagonal_and_per_sample_cover_every_tensor_of_a_bn_resnet():
     for name, value in traces.items():
         assert result.diagonal[name].sum() == pytest.approx(value, rel=1e-12)
         assert result.per_sample[name].mean() == pytest.approx(value, rel=1e-12)
-
-
-@pytest.mark.parametrize("stem", ["resnet_torchscript", "cnn_bn_dynamo"])
-def test_onnxruntime_engine_refuses_dag_and_bn_networks(stem):
-    from minsharp_ref.api import score
-
-    with pytest.raises(MinsharpError, match="--engine onnxruntime supports chain networks "
-                                            "without BatchNorm; use --engine numpy"):
-        score(FIXTURES / f"{stem}.onnx", MNIST, mean=[0.5], std=[0.5], limit=4, provider="cpu",
-              engine="onnxruntime")

@@ -20,32 +20,37 @@ import re
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, example, given, reject, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from minsharp_ref import score, score_arrays
+from minsharp_ref.api import traces_over
 from minsharp_ref.cli import app
 from minsharp_ref.engine import per_sample_traces, tensor_columns
 from minsharp_ref.errors import MinsharpError
-from minsharp_ref.ir import LayerBase
-from minsharp_ref.onnx_import import import_model
+from minsharp_ref.group import folded_view
+from minsharp_ref.ir import BatchNorm, LayerBase
+from minsharp_ref.onnx_import import ImportedModel, convert, import_model
 from minsharp_ref.trace_graph import build_trace_graph
 
 from conftest import FIXTURES, MNIST
-from oracle import KinkError, Oracle, build, data
+from oracle import KinkError, Oracle, _Builder, build, data
+from test_dag import draw_dag, wirings
 from test_oracle_traces import CASES, conv_models, mlp_models
 
 NORM = dict(mean=[0.5], std=[0.5])
-#: the trace graph runs chains without BatchNorm (the DAG/BN fixtures: test_dag.py)
-DAG_OR_BN = {"resnet", "resnet_bn", "cnn_bn"}
-FIXTURE_MODELS = sorted(p.name for p in FIXTURES.glob("*.onnx")
-                        if p.stem.rsplit("_", 1)[0] not in DAG_OR_BN)
+FIXTURE_MODELS = sorted(p.name for p in FIXTURES.glob("*.onnx"))
 runner = CliRunner()
 
 
 def per_tensor(result) -> dict:
+    return per_tensor_of(result.layers)
+
+
+def per_tensor_of(layers) -> dict:
     out = {}
-    for layer in result.layers:
+    for layer in layers:
         out[layer.weight] = layer.trace_weight
         if layer.bias is not None:
             out[layer.bias] = layer.trace_bias
@@ -65,9 +70,11 @@ def assert_close(got: dict, want: dict, rtol: float, atol_total: float = 0.0):
 @pytest.mark.parametrize("name", FIXTURE_MODELS)
 def test_fixture_traces_match_float64_numpy_engine(name):
     """Every fixture, 100 MNIST samples (with labels for the cross-entropy models; every
-    loss kind's head): per-tensor traces, naive trace and MS of the float32 graph within
-    1e-5 of the float64 NumPy engine (float64 forward); the float64 graph, where the CPU
-    provider runs it, within 1e-10; the JSON fields name what ran."""
+    loss kind's head; ResNets with and without BatchNorm, BN chains): per-tensor traces of
+    both parametrisations (BatchNorm: the original and the folded view), naive trace and MS
+    of the float32 graph within 1e-5 of the float64 NumPy engine (float64 forward); the
+    float64 graph, where the CPU provider runs it, within 1e-10; the JSON fields name what
+    ran."""
     labelled = import_model(FIXTURES / name).network.loss == "cross-entropy"
     unlabelled = {"x_key": "x_train", "split": "test"}  # x_train without its labels
     common = dict(limit=100, **NORM, **({} if labelled else unlabelled))
@@ -76,6 +83,10 @@ def test_fixture_traces_match_float64_numpy_engine(name):
     assert (fast.engine, fast.provider, fast.precision) == ("onnxruntime", "cpu", "float32")
     assert fast.engine_check["samples"] == 64 and fast.engine_check["max_relative_deviation"] <= 1e-5
     assert_close(per_tensor(fast), per_tensor(ref), 1e-5)
+    assert (fast.folded is None) == (ref.folded is None) == ("bn" not in name)
+    if ref.folded is not None:
+        assert_close(per_tensor_of(fast.folded["layers"]), per_tensor_of(ref.folded["layers"]), 1e-5)
+        assert fast.folded["trace"] == pytest.approx(ref.folded["trace"], rel=1e-5)
     assert fast.trace == pytest.approx(ref.trace, rel=1e-5)
     assert fast.minimum_sharpness == pytest.approx(ref.minimum_sharpness, rel=1e-5)
     assert fast.trace_stderr == pytest.approx(ref.trace_stderr, rel=1e-4)
@@ -101,7 +112,7 @@ def test_float64_falls_back_to_float32_with_a_warning():
 def test_diagonal_and_per_sample_match_numpy_engine():
     """--diag and --per-sample outputs of the graph against the NumPy engine's."""
     common = dict(limit=70, diagonal=True, per_sample=True, **NORM)
-    for name in ("smallcnn_torchscript.onnx", "mlp_torchscript.onnx"):
+    for name in ("smallcnn_torchscript.onnx", "mlp_torchscript.onnx", "cnn_bn_dynamo.onnx"):
         ref = score(FIXTURES / name, MNIST, provider="numpy", **common)
         fast = score(FIXTURES / name, MNIST, provider="cpu", engine="onnxruntime", **common)
         assert sorted(fast.diagonal) == sorted(ref.diagonal)
@@ -191,6 +202,54 @@ def test_drawn_mlps_match_oracle(arch):
 @given(conv_models())
 def test_drawn_conv_nets_match_oracle(arch):
     _drawn(arch, dtype=np.float32)
+
+
+def check_dag_against_oracle_and_numpy_engine(built, x):
+    """The float32 graph's W, b, γ, β traces against the finite-difference oracle, and every
+    column (the folded view's too) against the float64 NumPy engine, at the tiny nets'
+    float32 tolerance."""
+    imported = ImportedModel(None, "", built.proto, convert(built.proto))
+    fast = traces_over(imported, [x], None, "cpu", check=False, engine="onnxruntime",
+                       precision="float32")
+    ref = traces_over(imported, [x], None, "numpy", check=False)
+    names = [n for _, _, n in tensor_columns(imported.network)]
+    assert fast.sums.columns == ref.sums.columns >= len(names)  # BatchNorm: the folded columns
+    got = fast.sums.mean
+    want = ref.sums.mean
+    assert np.all(np.abs(got - want) <= 2e-4 * np.abs(want) + 1e-7 * np.abs(want).sum())
+    assert_close(dict(zip(names, got[:len(names)])), Oracle(built).traces(x), 2e-4, 1e-7)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2 ** 16), wiring=wirings, bn_stem=st.booleans())
+@example(seed=3, wiring=[("Concat", True, True), ("Add", False, False)], bn_stem=True)
+def test_drawn_dags_match_oracle_and_numpy_engine(seed, wiring, bn_stem):
+    """Drawn residual/DenseNet-style nets (random Add/Concat wiring, projections, BatchNorm
+    with random running statistics; tests/test_dag.py)."""
+    built = draw_dag(seed, wiring, bn_stem)
+    check_dag_against_oracle_and_numpy_engine(built, data(built, 5, seed + 1))
+
+
+def test_batchnorm_that_cannot_be_folded():
+    """A BN after an Add and a BN on flattened features (1-D per sample): the folded view
+    keeps them as per-channel diagonal layers, measured by the same BatchNorm rule."""
+    b = _Builder((2, 5, 5), np.random.default_rng(7), gain=1.2)
+    b.conv(3, pads=(1, 1, 1, 1))
+    b.relu()
+    skip = b.cur
+    b.conv(3, pads=(1, 1, 1, 1))
+    b.relu()
+    b.join("Add", skip)
+    b.batchnorm()
+    b.relu()
+    b.gap()
+    b.flatten()
+    b.batchnorm()
+    b.gemm(3)
+    built = b.finish()
+    folded = folded_view(convert(built.proto))
+    assert sum(isinstance(layer, BatchNorm) for layer in folded.layers) == 2
+    check_dag_against_oracle_and_numpy_engine(built, data(built, 5, 8))
 
 
 # ----------------------------------------------------------------- export, refusal, CLI

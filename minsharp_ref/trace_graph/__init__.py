@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..engine import first_param_index, tensor_columns
+from ..engine import signal_tensors, tensor_columns
 from ..errors import MinsharpError
+from ..group import folded_view
 from ..ir import LeakyRelu, MaxPool2d, Network, Relu, is_parameterised
 from .backward import backward
 from .builder import GraphBuilder
@@ -31,10 +32,12 @@ INPUT, TRACES, LOGITS, DIAGONAL_PREFIX = "input", "traces", "logits", "diagonal:
 
 def check_supported(network: Network) -> None:
     """Refuse, in one line, networks with a layer type or loss without a rule here."""
-    start = first_param_index(network)
-    for i, layer in enumerate(network.layers):
+    needs = signal_tensors(network)
+    for layer in network.layers:
         kind = type(layer)
-        missing = kind not in forward.registry or (i > start and kind not in backward.registry)
+        missing = kind not in forward.registry or (
+            layer.output_name in needs and any(n in needs for n in layer.inputs)
+            and kind not in backward.registry)
         if is_parameterised(layer):
             missing = missing or kind not in measure.registry
         if missing:
@@ -45,13 +48,46 @@ def check_supported(network: Network) -> None:
                             f"{network.loss!r} yet; use --engine numpy")
 
 
+def traced_layers(network: Network) -> list:
+    """The parameterised layers whose traces the graph reports, in column order: the
+    network's, then, for a network with BatchNorm, those of its folded view
+    (``group.folded_view``, docs/method.md section 10)."""
+    folded = folded_view(network)
+    return network.param_layers + ([] if folded is None else folded.param_layers)
+
+
+def columns_of(layers: list) -> list[tuple[object, str, str]]:
+    """(layer, 'weight'|'bias', initializer name) per column of the ``traces`` output."""
+    return [(layer, which, name) for layer in layers for which, name in
+            [("weight", layer.weight_name)] + ([("bias", layer.bias_name)] if layer.bias is not None else [])]
+
+
+def foldable_activations(network: Network) -> dict:
+    """Output name → layer of each ReLU, and LeakyReLU with slope ≥ 0, whose output only
+    a max pool reads: the pool's routing applies the activation's factor (``backward``)."""
+    readers: dict[str, list] = {}
+    for layer in network.layers:
+        for name in layer.inputs:
+            readers.setdefault(name, []).append(layer)
+    return {layer.output_name: layer for layer in network.layers
+            if (isinstance(layer, Relu) or isinstance(layer, LeakyRelu) and np.all(layer.slope >= 0))
+            and [type(r) for r in readers.get(layer.output_name, [])] == [MaxPool2d]}
+
+
 def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False) -> onnx.ModelProto:
     """The trace graph of ``network`` in ``dtype`` (float32 or float64).
 
     Input ``input`` (N, *input_shape); outputs ``traces`` (N, T) float64, the per-sample
-    trace contributions in ``engine.tensor_columns`` order, and ``logits`` (N, K); with
+    trace contributions in ``engine.tensor_columns`` order (for a network with BatchNorm,
+    followed by those of its folded view's tensors), and ``logits`` (N, K); with
     ``diagonal`` also ``diagonal:<initializer>``, the batch sums of the exact Hessian
-    diagonal of each parameter tensor, float64, shaped like the initializer.
+    diagonal of each parameter tensor of the network, float64, shaped like the initializer.
+
+    The signals go back through the DAG in reverse topological order, held per tensor name;
+    a tensor read by several layers receives the sum of their signals, complete before its
+    producer is visited (docs/method.md section 9). The folded view needs no second pass:
+    its layers write tensors of the network (a folded conv writes its BatchNorm's output)
+    and the signals there are the same, so only its new layers' contractions are added.
     """
     check_supported(network)
     b = GraphBuilder(dtype)
@@ -59,39 +95,47 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     b.reserve([INPUT, TRACES, LOGITS] + [DIAGONAL_PREFIX + name for _, _, name in tensor_columns(network)])
     b.fresh(INPUT, exact=True)
     ctx.values[network.input_name] = INPUT
-    shapes = network.layer_shapes()
-    for layer, in_shape, out_shape in zip(network.layers, shapes, shapes[1:]):
-        ctx.shapes[layer.input_name], ctx.shapes[layer.output_name] = in_shape, out_shape
+    ctx.shapes.update(network.tensor_shapes())
+    for layer in network.layers:
         ctx.values[layer.output_name] = forward(layer, ctx)
-    logits = ctx.values[network.layers[-1].output_name]
+    logits = ctx.values[network.logits_name]
     k = network.num_classes
     signals, ctx.signals = LOSS_HEADS[network.loss](ctx, logits, k)
 
-    at: dict[str, str] = {network.layers[-1].output_name: signals}  # tensor name → signals
+    layers = traced_layers(network)
+    keep = {layer.output_name for layer in layers[len(network.param_layers):]}  # folded view's
+    at: dict[str, str] = {network.logits_name: signals}  # tensor name → pending signals
+    kept: dict[str, str] = {}
+    needs = signal_tensors(network)
     measured = {}
-    start = first_param_index(network)
-    for i in range(len(network.layers) - 1, start - 1, -1):
-        layer = network.layers[i]
-        before = network.layers[i - 1] if i > start else None
-        # in a chain, an activation read only by a max pool: the pool applies its factor
-        if (network.is_chain and isinstance(layer, MaxPool2d)
-                and (isinstance(before, Relu)
-                     or isinstance(before, LeakyRelu) and np.all(before.slope >= 0))):
-            ctx.fused_activations[before.output_name] = before
-        g = at.pop(layer.output_name)
+    ctx.fused_activations.update(foldable_activations(network))
+    for layer in reversed(network.layers):
+        g = at.pop(layer.output_name, None)
+        if g is None:
+            continue
+        if layer.output_name in keep:
+            kept[layer.output_name] = g
         if is_parameterised(layer):
             measured[id(layer)] = measure(layer, ctx, g, diagonal)
-        if i > start:
-            at[layer.input_name] = backward(layer, ctx, g)
+        if not any(name in needs for name in layer.inputs):
+            continue
+        out = backward(layer, ctx, g)
+        for name, part in zip(layer.inputs, out if isinstance(out, tuple) else (out,)):
+            if name in needs:  # fan-out: the sum over the tensor's readers
+                at[name] = b.node("Add", [at[name], part], "signal") if name in at else part
+    for layer in layers:  # the folded view's own layers (the others are measured above)
+        if id(layer) not in measured:
+            measured[id(layer)] = measure(layer, ctx, kept[layer.output_name], False)
 
     columns, diagonals = [], []
-    params = network.param_layers
-    for d, which, name in tensor_columns(network):
-        m = measured[id(params[d])]
+    originals = len(tensor_columns(network))
+    names = columns_of(layers)
+    for c, (layer, which, name) in enumerate(names):
+        m = measured[id(layer)]
         value, diag = (m.weight, m.weight_diagonal) if which == "weight" else (m.bias, m.bias_diagonal)
         columns.append(b.node("Unsqueeze", [value, b.ints([1])]))
-        if diagonal:
-            shape = list(np.shape(getattr(params[d], which)))
+        if diagonal and c < originals:
+            shape = list(np.shape(getattr(layer, which)))
             diagonals.append((b.node("Identity", [diag], DIAGONAL_PREFIX + name, exact=True), shape))
     traces = b.node("Concat", columns, TRACES, exact=True, axis=1)
     logits_out = b.node("Identity", [logits], LOGITS, exact=True)
@@ -104,5 +148,5 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
                 for value, shape in diagonals]
     doc = ("minsharp-ref trace graph: per-sample exact Hessian-trace contributions of every "
            "parameter tensor (outputs 'traces', columns: "
-           + ", ".join(name for _, _, name in tensor_columns(network)) + "); see docs/trace-graph.md")
+           + ", ".join(name for _, _, name in names) + "); see docs/trace-graph.md")
     return b.model(inputs, outputs, "minsharp_trace_graph", doc)

@@ -13,14 +13,16 @@ from functools import singledispatch
 
 import numpy as np
 
-from ..ir import (AvgPool2d, Conv2d, Dense, LayerBase, LeakyRelu, MaxPool2d, Pad2d, Relu,
-                  Reshape, Transpose)
+from ..ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, LayerBase, LeakyRelu,
+                  MaxPool2d, Pad2d, Relu, Reshape, Transpose)
 from ..windows import Geometry
 from .context import Context
 
 
 @singledispatch
-def backward(layer: LayerBase, ctx: Context, g: str) -> str:
+def backward(layer: LayerBase, ctx: Context, g: str) -> str | tuple[str, ...]:
+    """The signals at the layer's input; a tuple, one per input, for the layers that join
+    branches."""
     raise NotImplementedError(type(layer).__name__)
 
 
@@ -185,3 +187,24 @@ def _(layer: Conv2d, ctx, g):
         out = b.node("ConvTranspose", [maps, ctx.conv_kernel(layer)], "signal_maps",
                      pads=list(geom.pads), output_padding=rest, **attrs)
     return _to_signals(ctx, out, in_shape)
+
+
+@backward.register
+def _(layer: BatchNorm, ctx, g):
+    """Multiply channel c by γ_c s_c (docs/method.md section 10)."""
+    shape = (1, 1, -1) + (1,) * (len(ctx.in_shape(layer)) - 1)
+    return ctx.b.node("Mul", [g, ctx.b.const(layer.multiplier.reshape(shape))], "signal")
+
+
+@backward.register
+def _(layer: Add, ctx, g):
+    """Every input receives the signal (docs/method.md section 9)."""
+    return (g,) * len(layer.inputs)
+
+
+@backward.register
+def _(layer: Concat, ctx, g):
+    """Split the signal along the channel axis (axis 2 of (N, R, C, ...))."""
+    parts = ctx.b.node("Split", [g, ctx.b.ints(layer.sizes)], "signal", outputs=len(layer.sizes),
+                       axis=2)
+    return tuple(parts) if len(layer.sizes) > 1 else (parts,)

@@ -12,8 +12,8 @@ from functools import singledispatch
 
 import numpy as np
 
-from ..ir import (AvgPool2d, Conv2d, Dense, InputAffine, LayerBase, LeakyRelu, MaxPool2d,
-                  Pad2d, Relu, Reshape, Transpose)
+from ..ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, InputAffine, LayerBase,
+                  LeakyRelu, MaxPool2d, Pad2d, Relu, Reshape, Transpose)
 from ..windows import Geometry
 from .context import Context
 
@@ -124,3 +124,49 @@ def _(layer: Conv2d, ctx):
         inputs.append(ctx.bias(layer, (layer.out_channels,)))
     return ctx.b.node("Conv", inputs, layer.output_name, group=layer.groups,
                       pads=list(geom.pads), **window_attrs(geom))
+
+
+def channel_const(ctx: Context, layer: LayerBase, values: np.ndarray) -> str:
+    """A per-channel vector as a constant broadcast against (N, C, ...) values."""
+    ndim = len(ctx.in_shape(layer))
+    return ctx.b.const(np.asarray(values).reshape((-1,) + (1,) * (ndim - 1)))
+
+
+def normalised(layer: BatchNorm, ctx: Context) -> str:
+    """x̂ = s (x − μ) per channel (docs/method.md section 10), made once per BatchNorm."""
+    key = f"{layer.weight_name}:xhat"  # the folded view's BN (μ = 0, s = 1) has its own
+    if key not in ctx.derived:
+        centred = ctx.b.node("Sub", [ctx.input_of(layer), channel_const(ctx, layer, layer.mean)])
+        ctx.derived[key] = ctx.b.node("Mul", [centred, channel_const(ctx, layer, layer.scale)],
+                                      "xhat")
+    return ctx.derived[key]
+
+
+@forward.register
+def _(layer: BatchNorm, ctx):
+    """y = γ x̂ + β per channel, γ and β the stored initializers (docs/method.md section 10)."""
+    b = ctx.b
+    shape = (-1,) + (1,) * (len(ctx.in_shape(layer)) - 1)
+    gamma = b.reshape(ctx.parameter(layer.weight_name, layer.weight), shape)
+    y = b.node("Mul", [normalised(layer, ctx), gamma])
+    if layer.bias is None:
+        return b.node("Identity", [y], layer.output_name)
+    beta = b.reshape(ctx.parameter(layer.bias_name, layer.bias), shape)
+    return b.node("Add", [y, beta], layer.output_name)
+
+
+@forward.register
+def _(layer: Add, ctx):
+    """The sum of the branches (docs/method.md section 9)."""
+    xs = [ctx.values[name] for name in layer.inputs]
+    out = xs[0]
+    for i, x in enumerate(xs[1:], 2):
+        out = ctx.b.node("Add", [out, x], layer.output_name if i == len(xs) else None)
+    return out
+
+
+@forward.register
+def _(layer: Concat, ctx):
+    """The branches concatenated along the channel axis."""
+    return ctx.b.node("Concat", [ctx.values[name] for name in layer.inputs], layer.output_name,
+                      axis=1)

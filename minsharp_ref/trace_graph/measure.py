@@ -17,9 +17,9 @@ from typing import Optional
 import numpy as np
 
 from ..engine import conv_trace_flops
-from ..ir import Conv2d, Dense, LayerBase
+from ..ir import BatchNorm, Conv2d, Dense, LayerBase
 from .context import Context
-from .forward import window_attrs
+from .forward import normalised, window_attrs
 
 F64 = np.float64
 
@@ -126,3 +126,29 @@ def _(layer: Conv2d, ctx, g, diagonal):
     t_b = b.sum(per_channel, [1])
     d_b = b.reshape(b.sum(per_channel, [0]), layer.bias.shape) if diagonal else None
     return Measured(t_w, t_b, d_w, d_b)
+
+
+@measure.register
+def _(layer: BatchNorm, ctx, g, diagonal):
+    """∂/∂γ_c = Σ_positions g x̂, ∂/∂β_c = Σ_positions g (docs/method.md section 10):
+    Tr_n(γ) = Σ_k Σ_c (Σ_positions g_k x̂)², Tr_n(β) = Σ_k Σ_c (Σ_positions g_k)²; diagonal:
+    their sums over n and k per channel. The sum over the last axis is in the graph's dtype,
+    the rest float64."""
+    b = ctx.b
+    spatial = len(ctx.in_shape(layer)) - 1  # position axes after (N, R, C)
+
+    def channel_sums(v: str) -> str:  # (N, R, C, ...) → (N, R, C), float64
+        if not spatial:
+            return ctx.to_double(v)
+        rows = ctx.to_double(b.sum(v, [-1]))
+        return b.sum(rows, list(range(3, 2 + spatial))) if spatial > 1 else rows
+
+    xhat = b.node("Unsqueeze", [normalised(layer, ctx), b.ints([1])])
+    per_gamma = b.sum_squares(channel_sums(b.node("Mul", [g, xhat])), [1])  # (N, C)
+    t_w = b.sum(per_gamma, [1])
+    d_w = b.reshape(b.sum(per_gamma, [0]), layer.weight.shape) if diagonal else None
+    if layer.bias is None:
+        return Measured(t_w, None, d_w, None)
+    per_beta = b.sum_squares(channel_sums(g), [1])
+    d_b = b.reshape(b.sum(per_beta, [0]), layer.bias.shape) if diagonal else None
+    return Measured(t_w, b.sum(per_beta, [1]), d_w, d_b)

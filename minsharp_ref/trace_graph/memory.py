@@ -15,16 +15,18 @@ def graph_bytes_per_sample(network: Network, itemsize: int = 4) -> int:
     columns Wᵀg and im2col, its trace product or Gram matrices, the pooling columns),
     with a margin of 1.5 for onnxruntime's buffers that are not reused in place."""
     k = signal_rows(network)
-    shapes = network.layer_shapes()
+    shapes, in_shapes = network.layer_shapes(), network.input_shapes()
     stored = itemsize * sum(int(np.prod(s)) for s in shapes)
     peak = 0
     for i in range(first_param_index(network), len(network.layers)):
-        layer, a, z = network.layers[i], int(np.prod(shapes[i])), int(np.prod(shapes[i + 1]))
+        layer, a, z = network.layers[i], int(np.prod(in_shapes[i])), int(np.prod(shapes[i + 1]))
         need = 2 * k * (a + z)
+        if not network.is_chain:  # signals waiting at branch points: about one more layer's
+            need += k * z
         if isinstance(layer, Conv2d):
             q = layer.weight[0].size
             p = int(np.prod(shapes[i + 1][1:]))
-            flops = conv_trace_flops(layer, shapes[i], k)
+            flops = conv_trace_flops(layer, in_shapes[i], k)
             product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
                 else 2 * layer.groups * p * p
             need += k * layer.groups * q * p + layer.groups * q * p + product
