@@ -1,4 +1,6 @@
-"""The Python API: ``score`` a model on data, returning a typed ``ScoreResult``."""
+"""The Python API: ``score`` a model on data, returning a typed ``ScoreResult``; the results
+and their summary (per-layer traces, naive trace, minimum sharpness). The pass over the data
+itself is ``scoring.traces_over``, re-exported here."""
 
 from __future__ import annotations
 
@@ -6,35 +8,22 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from . import __version__
 from .data import Preprocessing, open_dataset
-from .engine import bytes_per_sample, per_sample_traces, tensor_columns
+from .engine import tensor_columns
 from .errors import MinsharpError
-from .group import (folded_inputs, folded_view, group_sharpness, log_scale_names,
-                    rescaling_group)
+from .group import folded_view, group_sharpness, log_scale_names, rescaling_group
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
-from .runtime import FIDELITY_RTOL, OrtUnavailable, check_fidelity, cuda_usable, make_forward
-from .trace_graph.memory import graph_bytes_per_sample
+from .runtime import FIDELITY_RTOL
+from .scoring import (DEFAULT_MEMORY_BUDGET, DEFAULT_PRECISION, ENGINES, TraceSums,  # noqa: F401
+                      batch_size_for, traces_over)  # traces_over, batch_size_for: public here too
 
 SCORE_SCHEMA = "minsharp-ref/score/v1"
-DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_BATCH_BYTES = 128 * 1024 ** 2  # per batch, for the default batch size
-#: Samples of the first batch on which the IR and onnxruntime logits are compared.
-FIDELITY_SAMPLES = 64
-PRECISIONS = {"float64": np.float64, "float32": np.float32}
-ENGINES = ("numpy", "onnxruntime")
-#: default precision per engine: the reference in float64, the fast engine in float32
-DEFAULT_PRECISION = {"numpy": "float64", "onnxruntime": "float32"}
-#: Samples of the first batch that the float64 NumPy engine re-scores to certify a fast run,
-#: and the largest relative deviation of a per-tensor trace it accepts (``engine_check``).
-ENGINE_CHECK_SAMPLES = 64
-ENGINE_CHECK_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -108,312 +97,6 @@ def json_safe(value):
     if isinstance(value, np.generic):
         return json_safe(value.item())
     return value
-
-
-@dataclass
-class TraceSums:
-    """Running float64 sums over samples of the per-sample trace vector v (one entry per
-    parameter tensor), of v vᵀ (for standard errors), and of loss and correct predictions."""
-
-    columns: int
-    n: int = 0
-    total: np.ndarray = None  # type: ignore[assignment]
-    outer: np.ndarray = None  # type: ignore[assignment]
-    loss: float = 0.0
-    correct: int = 0  # correct predictions (not counted for mse)
-
-    def __post_init__(self):
-        self.total = np.zeros(self.columns)
-        self.outer = np.zeros((self.columns, self.columns))
-
-    def add(self, v: np.ndarray):
-        self.n += len(v)
-        self.total += v.sum(axis=0)
-        self.outer += v.T @ v
-
-    def merge(self, other: "TraceSums"):
-        """Add another shard's sums (the sums of consecutive samples after these)."""
-        self.n += other.n
-        self.total += other.total
-        self.outer += other.outer
-        self.loss += other.loss
-        self.correct += other.correct
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.total / self.n
-
-    def stderr(self, weights: np.ndarray) -> float:
-        """Standard error of Σ_j w_j mean_j over samples (delta method with w = gradient)."""
-        if self.n < 2:
-            return float("nan")
-        cov = (self.outer - self.n * np.outer(self.mean, self.mean)) / (self.n - 1)
-        return float(math.sqrt(max(weights @ cov @ weights, 0.0) / self.n))
-
-
-def batch_size_for(network: Network, memory_budget: int, requested: Optional[int],
-                   precision: str = "float64", engine: str = "numpy", provider: str = "cpu") -> int:
-    """The requested batch size, lowered so that the ENGINE_WORKERS batches in flight fit
-    the budget together. By default, at most 256 samples, and on the CPU about
-    DEFAULT_BATCH_BYTES of engine memory per batch: small batches stay in cache (LeNet: ~40
-    samples for the NumPy engine, ~20 for the trace graph, which measured about 10% fewer
-    CPU seconds than at 80). The trace graph on CUDA (``provider`` "cuda", or "auto" where
-    CUDA loads) runs faster on large batches: as many as fit."""
-    if requested is not None and requested < 1:
-        raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
-    if memory_budget <= 0:
-        raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
-    itemsize = np.dtype(PRECISIONS.get(precision, np.float64)).itemsize
-    per_sample = (bytes_per_sample(network, itemsize) if engine == "numpy"
-                  else graph_bytes_per_sample(network, itemsize)) * ENGINE_WORKERS
-    if per_sample > memory_budget:
-        raise MinsharpError(f"one sample in each of the {ENGINE_WORKERS} engine workers needs "
-                            f"about {per_sample / 2 ** 20:.1f} MiB, more than --memory-budget "
-                            f"({memory_budget / 2 ** 20:.1f} MiB)")
-    fit = memory_budget // per_sample
-    on_cpu = engine == "numpy" or provider == "cpu" or (provider == "auto" and not cuda_usable())
-    cache_sized = DEFAULT_BATCH_BYTES * ENGINE_WORKERS // per_sample if on_cpu else fit
-    default = max(1, min(DEFAULT_BATCH_SIZE, cache_sized))
-    return int(min(requested or default, fit))
-
-
-@dataclass
-class EngineRun:
-    """What one pass over the data produced."""
-
-    sums: TraceSums
-    provider: str
-    fidelity: Optional[float]
-    timings: dict
-    diagonal_sum: Optional[dict] = None  # initializer name → Σ over samples of diag H
-    per_sample: Optional[np.ndarray] = None  # (N, tensors), columns of tensor_columns
-    warnings: list = field(default_factory=list)
-    engine: str = "numpy"
-    precision: str = "float64"  # what actually ran
-    engine_check: Optional[dict] = None  # the fast engine's certification
-
-    @property
-    def diagonal(self) -> Optional[dict]:
-        """Initializer name → diag H (mean over samples)."""
-        return None if self.diagonal_sum is None else \
-            {k: v / self.sums.n for k, v in self.diagonal_sum.items()}
-
-
-#: Batches processed at once, each by one worker thread with single-threaded BLAS (numpy's
-#: elementwise work is single-threaded, so two workers use both cores). Fixed, not the
-#: machine's core count, so that the batch size and every result are the same everywhere.
-ENGINE_WORKERS = 2
-
-
-@dataclass
-class _Batch:
-    x: np.ndarray
-    logits: np.ndarray
-    traces: np.ndarray
-    diagonal: Optional[dict]
-    seconds: tuple[float, float]  # forward, engine
-
-
-class _InLine:
-    """An executor that runs each job at once on the calling thread (``traces_over`` with
-    a thread budget)."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        future = Future()
-        try:
-            future.set_result(fn(*args))
-        except MinsharpError as exc:
-            future.set_exception(exc)
-        return future
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
-                provider: str, progress: Optional[Callable[[int], None]] = None,
-                precision: Optional[str] = None, check: bool = True, diagonal: bool = False,
-                per_sample: bool = False, engine: str = "numpy", first_sample: int = 0,
-                threads: Optional[int] = None) -> EngineRun:
-    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA; at
-    most ``threads``), and accumulate the results in float64 in batch order (the result does
-    not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
-    certified on its first samples by the float64 NumPy engine (``certify``); its checks run
-    on a thread of their own beside the batches, or in line when ``threads`` is given.
-    ``first_sample``: the index of the first sample in the data set (for error messages)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
-    network = imported.network
-    if engine not in ENGINES:
-        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    precision = precision or DEFAULT_PRECISION[engine]
-    if precision not in PRECISIONS:
-        raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
-    columns = len(tensor_columns(network))
-    folded = None
-    if engine == "onnxruntime":
-        from .trace_graph.runner import TraceGraphRunner
-
-        folded = folded_view(network)  # BatchNorm: its columns follow the original ones
-        runner = TraceGraphRunner(network, provider, precision, diagonal)
-        provider_used, precision, workers = runner.provider, runner.precision, runner.workers
-
-        def job(x: np.ndarray) -> _Batch:
-            t0 = time.perf_counter()
-            traces, logits, diag = runner(x)
-            return _Batch(x, logits, traces, diag, (0.0, time.perf_counter() - t0))
-    else:
-        dtype = PRECISIONS[precision]
-        signal_network = network if dtype == np.float64 else network.astype(dtype)
-        folded = folded_view(network)  # BatchNorm: also the folded network's traces
-        signal_folded = folded if folded is None or dtype == np.float64 else folded.astype(dtype)
-        forward = make_forward(imported.proto, network, provider, threads=1)
-        provider_used, workers = forward.name, ENGINE_WORKERS
-
-        def job(x: np.ndarray) -> _Batch:
-            t0 = time.perf_counter()
-            logits, inputs = forward(x)
-            if not np.all(np.isfinite(logits)):
-                return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
-            t1 = time.perf_counter()
-            traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
-                if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
-            if folded is not None:  # columns after the original ones
-                traces = np.hstack([traces, per_sample_traces(
-                    signal_folded, folded_inputs(network, folded, inputs), logits, dtype)])
-            return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
-
-    sums = TraceSums(columns + (0 if folded is None else len(tensor_columns(folded))))
-    t_forward = t_engine = 0.0
-    fidelity = engine_check = None
-    diag_sums: Optional[dict] = None
-    rows = []
-    held: list = []  # the first samples and their fast traces, for the engine check
-    warnings = [runner.warning] if engine == "onnxruntime" and runner.warning else []
-
-    def collect(wait: bool):
-        """The results of the checks that have finished (with ``wait``, of all of them)."""
-        nonlocal fidelity, engine_check, fidelity_job, checking
-        if fidelity_job is not None and (wait or fidelity_job.done()):
-            fidelity, fidelity_job = fidelity_job.result(), None
-        if checking is not None and (wait or checking.done()):
-            engine_check, checking = checking.result(), None
-
-    def consume(batch: _Batch):
-        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity_job, fidelity
-        if not np.all(np.isfinite(batch.logits)):
-            bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
-            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
-                                "the network overflows on this input")
-        if check:
-            m = FIDELITY_SAMPLES
-            if engine == "onnxruntime":  # checks beside the batches (docs/method.md, section 11)
-                fidelity_job = checker.submit(check_fidelity, imported.proto, network, batch.x[:m])
-            else:
-                try:
-                    fidelity = check_fidelity(imported.proto, network, batch.x[:m],
-                                              batch.logits[:m] if provider_used != "numpy" else None)
-                except OrtUnavailable as exc:
-                    warnings.append(f"import fidelity not checked: {exc}")
-            check = False
-        if (engine == "onnxruntime" and engine_check is None and checking is None
-                and np.all(np.isfinite(batch.traces))):
-            held.append((batch.x, batch.traces))  # until ENGINE_CHECK_SAMPLES are held
-            if sum(len(x) for x, _ in held) >= ENGINE_CHECK_SAMPLES:
-                checking = checker.submit(certify, network, *map(np.concatenate, zip(*held)))
-        collect(wait=False)  # a failed check stops the run as soon as it is known
-        if not np.all(np.isfinite(batch.traces)):
-            raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
-                                f"{first_sample + sums.n}")
-        if batch.diagonal is not None:
-            diag_sums = batch.diagonal if diag_sums is None else \
-                {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
-        sums.add(batch.traces)
-        if per_sample:
-            rows.append(batch.traces[:, :columns])
-        t_forward += batch.seconds[0]
-        t_engine += batch.seconds[1]
-        if labels is not None:
-            loss, correct = loss_and_correct(batch.logits, labels[sums.n - len(batch.x):sums.n],
-                                             network.loss)
-            sums.loss += loss
-            sums.correct += correct
-        if progress:
-            progress(len(batch.x))
-
-    if threads is not None:
-        workers = min(workers, threads)
-    fidelity_job = checking = None  # the onnxruntime engine's checks, on their own thread
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
-            (ThreadPoolExecutor(1) if threads is None else _InLine()) as checker:
-        pending: deque = deque()
-        for x in xs:
-            pending.append(pool.submit(job, x))
-            if len(pending) >= max(workers, 2):  # the next batch is read while one runs
-                consume(pending.popleft().result())
-        while pending:
-            consume(pending.popleft().result())
-        collect(wait=True)
-    if sums.n == 0:
-        raise MinsharpError("no samples to score")
-    if engine == "onnxruntime" and engine_check is None:  # fewer samples than the check takes
-        engine_check = certify(network, *map(np.concatenate, zip(*held)))
-    return EngineRun(
-        sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
-        diag_sums,
-        np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
-
-
-def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
-    """The fast engine's certificate: its first ENGINE_CHECK_SAMPLES samples re-scored by
-    the float64 NumPy engine; the largest relative deviation of a per-tensor trace (mean
-    over those samples; every column, a BatchNorm network's folded view's included),
-    |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
-    whose reference trace is 0 counts its absolute deviation relative to the total)."""
-    m = ENGINE_CHECK_SAMPLES
-    logits, inputs = network.forward(x[:m], keep_inputs=True)
-    ref = per_sample_traces(network, inputs, logits)
-    folded = folded_view(network)
-    if folded is not None:  # BatchNorm: the folded parametrisation's columns are checked too
-        ref = np.hstack([ref, per_sample_traces(folded, folded_inputs(network, folded, inputs),
-                                                logits)])
-    ref = ref.mean(axis=0)
-    fast = traces[:m].mean(axis=0)
-    scale = np.where(ref != 0, np.abs(ref), max(float(np.abs(ref).sum()), np.finfo(float).tiny))
-    deviation = float(np.max(np.abs(fast - ref) / scale))
-    # rounded to 2 significant digits: a diagnostic that must not depend on thread timing
-    deviation = float(f"{deviation:.2g}")
-    if not deviation <= ENGINE_CHECK_RTOL:
-        raise MinsharpError(f"engine check failed: the onnxruntime engine's per-tensor traces "
-                            f"differ from the float64 NumPy engine's by {deviation:.3g} "
-                            f"(relative, on the first {min(m, len(x))} samples; "
-                            f"tolerance {ENGINE_CHECK_RTOL:g}); use --engine numpy")
-    return {"max_relative_deviation": deviation, "samples": int(min(m, len(x))),
-            "tolerance": ENGINE_CHECK_RTOL}
-
-
-def loss_and_correct(logits: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, int]:
-    """Summed loss and number of correct predictions of a batch (docs/method.md, section 1):
-    cross-entropy logsumexp(z) − z_y and arg-max; binary cross-entropy of σ(z), computed as
-    max(z, 0) − y·z + log(1 + e^{−|z|}), and z > 0; mse (1/K) Σ_k (z_k − y_k)², no accuracy."""
-    if loss == "binary":
-        z = logits[:, 0]
-        bce = np.maximum(z, 0.0) - y * z + np.log1p(np.exp(-np.abs(z)))
-        return float(bce.sum()), int(np.sum((z > 0) == (y == 1)))
-    if loss == "mse":
-        d = logits - y.reshape(logits.shape)
-        return float(np.einsum("nk,nk->", d, d) / logits.shape[1]), 0
-    z = logits - logits.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    return float(np.sum(lse - z[np.arange(len(y)), y])), int(np.sum(np.argmax(logits, axis=1) == y))
 
 
 def with_loss(imported: ImportedModel, loss: Optional[str]) -> ImportedModel:

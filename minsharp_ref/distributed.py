@@ -24,7 +24,7 @@ INSTALL = "pip install 'minsharp-ref[dask]'"
 #: With scatter_data: shards shipped ahead of the results, per worker.
 SHARDS_IN_FLIGHT_PER_WORKER = 2
 #: Batches a task runs at once: one, since each Dask worker thread runs a task (a local run
-#: uses api.ENGINE_WORKERS threads instead). The numbers do not depend on it.
+#: uses scoring.ENGINE_WORKERS threads instead). The numbers do not depend on it.
 THREADS_PER_TASK = 1
 
 

@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .api import summarise, traces_over
+from .api import summarise
+from .scoring import traces_over
 from .onnx_import import ImportedModel
 from .rescale import alpha_parameters, apply_to_proto, group_parameters, uses_group
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .api import EngineRun, TraceSums, traces_over
+from .scoring import EngineRun, TraceSums, traces_over
 from .data import Dataset, Preprocessing, batches, check_finite, check_labels, open_dataset
 from .errors import MinsharpError
 from .onnx_import import ImportedModel

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..api import ENGINE_WORKERS
+from ..scoring import ENGINE_WORKERS
 from ..errors import MinsharpError, first_line
 from ..ir import Network
 from ..runtime import PROVIDERS, _quiet_stderr, cuda_error, cuda_usable
