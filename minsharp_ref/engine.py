@@ -457,6 +457,18 @@ def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
     return (traces, diagonals) if diagonal else traces
 
 
+def conv_measure_elements(layer: Conv2d, in_shape: tuple[int, ...], k: int) -> tuple[int, int]:
+    """Elements per sample of a conv measure's temporaries: the im2col columns U (G·Q·P) and
+    the contraction product, g_k Uᵀ (K·C_out·Q) or the two Gram matrices (2·G·P²), in the
+    form that ``conv_trace_flops`` picks (for the memory estimates of both engines)."""
+    q = layer.weight[0].size
+    p = int(np.prod(layer.geometry.output_hw(in_shape[1:])))
+    flops = conv_trace_flops(layer, in_shape, k)
+    product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
+        else 2 * layer.groups * p * p
+    return layer.groups * q * p, product
+
+
 def bytes_per_sample(network: Network, itemsize: int = 8) -> int:
     """Rough peak bytes per sample of one engine batch: the stored float64 layer inputs plus,
     at the largest layer, the signals on both sides and the temporaries of its rules (im2col
@@ -474,12 +486,8 @@ def bytes_per_sample(network: Network, itemsize: int = 8) -> int:
         if not network.is_chain:  # signals waiting at branch points: about one more layer's
             need += k * z * itemsize
         if isinstance(layer, Conv2d):
-            q = layer.weight[0].size
-            p = int(np.prod(shapes[i + 1][1:]))
-            flops = conv_trace_flops(layer, in_shapes[i], k)
-            product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
-                else 2 * layer.groups * p * p
-            need += (layer.groups * q * p + product) * itemsize
+            columns, product = conv_measure_elements(layer, in_shapes[i], k)
+            need += (columns + product) * itemsize
         elif isinstance(layer, MaxPool2d):
             need += 8 * k * z  # int64 flat positions
         peak = max(peak, need)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import conv_trace_flops, first_param_index, signal_rows
+from ..engine import conv_measure_elements, first_param_index, signal_rows
 from ..ir import AvgPool2d, Conv2d, MaxPool2d, Network
 
 
@@ -23,13 +23,9 @@ def graph_bytes_per_sample(network: Network, itemsize: int = 4) -> int:
         need = 2 * k * (a + z)
         if not network.is_chain:  # signals waiting at branch points: about one more layer's
             need += k * z
-        if isinstance(layer, Conv2d):
-            q = layer.weight[0].size
-            p = int(np.prod(shapes[i + 1][1:]))
-            flops = conv_trace_flops(layer, in_shapes[i], k)
-            product = k * layer.out_channels * q if flops["im2col"] <= flops["gram"] \
-                else 2 * layer.groups * p * p
-            need += k * layer.groups * q * p + layer.groups * q * p + product
+        if isinstance(layer, Conv2d):  # the columns Wᵀg (K of them), im2col, the product
+            columns, product = conv_measure_elements(layer, in_shapes[i], k)
+            need += (k + 1) * columns + product
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             kh, kw = layer.geometry.kernel
             need += (k + 1) * kh * kw * z  # columns and the arg-max mask
