@@ -183,11 +183,10 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     if precision not in PRECISIONS:
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
     columns = len(tensor_columns(network))
-    folded = None
+    folded = folded_view(network)  # BatchNorm: the folded network's columns follow the original ones
     if engine == "onnxruntime":
         from .trace_graph.runner import TraceGraphRunner
 
-        folded = folded_view(network)  # BatchNorm: its columns follow the original ones
         runner = TraceGraphRunner(network, provider, precision, diagonal)
         provider_used, precision, workers = runner.provider, runner.precision, runner.workers
 
@@ -198,7 +197,6 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     else:
         dtype = PRECISIONS[precision]
         signal_network = network if dtype == np.float64 else network.astype(dtype)
-        folded = folded_view(network)  # BatchNorm: also the folded network's traces
         signal_folded = folded if folded is None or dtype == np.float64 else folded.astype(dtype)
         forward = make_forward(imported.proto, network, provider, threads=1)
         provider_used, workers = forward.name, ENGINE_WORKERS
