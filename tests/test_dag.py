@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -77,7 +77,10 @@ def test_dag_traces_match_finite_differences(seed, wiring, bn_stem):
     built = draw_dag(seed, wiring, bn_stem)
     x = oracle.data(built, 5, seed=seed + 1)
     _, _, got = ours(built, x)
-    want = oracle.Oracle(built).traces(x)
+    try:
+        want = oracle.Oracle(built).traces(x)
+    except oracle.KinkError:
+        reject()  # a finite-difference step crossed a kink: an oracle limit, not a finding
     assert set(got) == set(want)
     for name in want:
         assert got[name] == pytest.approx(want[name], rel=RTOL, abs=1e-12 * max(want.values())), name

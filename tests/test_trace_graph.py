@@ -227,7 +227,10 @@ def test_drawn_dags_match_oracle_and_numpy_engine(seed, wiring, bn_stem):
     """Drawn residual/DenseNet-style nets (random Add/Concat wiring, projections, BatchNorm
     with random running statistics; tests/test_dag.py)."""
     built = draw_dag(seed, wiring, bn_stem)
-    check_dag_against_oracle_and_numpy_engine(built, data(built, 5, seed + 1))
+    try:
+        check_dag_against_oracle_and_numpy_engine(built, data(built, 5, seed + 1))
+    except KinkError:
+        reject()  # a finite-difference step crossed a kink: an oracle limit, not a finding
 
 
 def test_batchnorm_that_cannot_be_folded():
