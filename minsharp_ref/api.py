@@ -64,6 +64,8 @@ class ScoreResult:
     measures: Optional[dict] = None
     #: the loss whose Hessian was traced: "cross-entropy", "binary" or "mse"
     loss_kind: str = "cross-entropy"
+    #: standard error of ``loss`` over samples (None without labels)
+    loss_stderr: Optional[float] = None
     #: with a Dask client: scheduler, workers, shards, shard_size, seconds (docs/dask.md)
     distributed: Optional[dict] = field(default=None, compare=False)
     #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
@@ -130,6 +132,7 @@ class Summary:
     warnings: list[str]
     classes: list[dict] = field(default_factory=list)
     folded: Optional[dict] = None
+    loss_stderr: Optional[float] = None
 
 
 def _layer_results(network: Network, t, u, alpha) -> list[LayerResult]:
@@ -200,7 +203,8 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Sum
         folded_doc = {"layers": scored_layers, "trace": float(mean[offset:].sum()),
                       "trace_stderr": sums.stderr(weights)}
     return Summary(layers, float(mean[:len(cols)].sum()), sums.stderr(original), ms.value,
-                   ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc)
+                   ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc,
+                   sums.loss_stderr if has_labels else None)
 
 
 def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
@@ -311,7 +315,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        loss_kind=network.loss, diagonal=run.diagonal, per_sample=per_sample_dict,
+        loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal, per_sample=per_sample_dict,
         classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)
     return result
 

@@ -92,6 +92,7 @@ def test_fixture_traces_match_float64_numpy_engine(name):
     assert fast.trace_stderr == pytest.approx(ref.trace_stderr, rel=1e-4)
     if labelled:
         assert fast.loss == pytest.approx(ref.loss, rel=1e-5) and fast.accuracy == ref.accuracy
+        assert fast.loss_stderr == pytest.approx(ref.loss_stderr, rel=1e-5)
     if "mlp" in name:  # dense nets: every op has a float64 kernel on the CPU provider
         f64 = score(FIXTURES / name, MNIST, provider="cpu", engine="onnxruntime",
                     precision="float64", **common)
