@@ -326,13 +326,15 @@ def invariance(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
+    y_key: Optional[str] = typer.Option(None, "--y-key", help="Key of the labels (found as score finds them): not used by the traces, only checked against the loss, as score checks them."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
     hypothesis, while the naive trace does. Exit 1 when it moves by more than --rtol."""
 
     def body() -> int:
-        from .api import DEFAULT_MEMORY_BUDGET, batch_size_for
-        from .data import Preprocessing, load_batches
+        from .api import DEFAULT_MEMORY_BUDGET, batch_size_for, with_loss
+        from .data import Preprocessing, check_labels_against_loss, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
         from .report import Output, invariance_blocks
@@ -345,12 +347,15 @@ def invariance(
             check_output_dir(json_path)
         with Phases(enabled=not quiet) as phases:
             phases.start("import")
-            imported = import_model(model, _ints(input_shape, "--input-shape"))
+            imported = with_loss(import_model(model, _ints(input_shape, "--input-shape")), loss)
             network = imported.network
             prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
             bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
+            labels = check_labels_against_loss(data, split, x_key, y_key, limit,
+                                               network.num_classes, network.loss)
             # held in memory: every trial re-scores the same batches
             xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
+            info["y_key"] = labels
             phases.start("trials", trials, "trials")
             result = check_invariance(imported, xs, provider=provider, trials=trials, seed=seed,
                                       spread=spread, rtol=rtol, data_info=info,
@@ -383,6 +388,7 @@ def verify(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
 ):
     """Compare another framework's traces (and diagonals) with ours. Exit 0 all pass, 1 any
     fail, 2 input error."""
@@ -406,7 +412,7 @@ def verify(
                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
                                batch_size=batch_size, provider=provider,
                                diagonal=theirs_diag is not None,
-                               input_shape=_ints(input_shape, "--input-shape"),
+                               input_shape=_ints(input_shape, "--input-shape"), loss=loss,
                                progress=progress, on_start=on_start)
         notes = data_mismatches(result, theirs)
         rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
@@ -420,7 +426,8 @@ def verify(
             from .api import json_safe
 
             doc = {"schema": VERIFY_SCHEMA, "minsharp_ref_version": __version__,
-                   "model": result.model, "data": result.data, "expected": str(expected),
+                   "model": result.model, "data": result.data, "loss_kind": result.loss_kind,
+                   "expected": str(expected),
                    "data_mismatches": notes, "rtol": rtols, "atol": atols,
                    "rows": [r.__dict__ for r in rows], "passed": not failed}
             write_atomically(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")

@@ -40,6 +40,8 @@ class InvarianceResult:
     base_minimum_sharpness: float
     trials: list[Trial] = field(default_factory=list)
     falsifying_alpha: Optional[tuple[float, ...]] = None
+    #: the loss whose Hessian is traced: "cross-entropy", "binary" or "mse"
+    loss_kind: str = "cross-entropy"
 
     @property
     def max_deviation(self) -> float:
@@ -67,6 +69,7 @@ class InvarianceResult:
         return json_safe({
             "schema": INVARIANCE_SCHEMA, "minsharp_ref_version": __version__,
             "model": self.model, "data": self.data, "provider": self.provider,
+            "loss_kind": self.loss_kind,
             "rtol": self.rtol, "seed": self.seed, "spread_decades": self.spread,
             "base": {"trace": self.base_trace, "minimum_sharpness": self.base_minimum_sharpness},
             "trials": [dataclasses.asdict(t) for t in self.trials],
@@ -115,7 +118,7 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
     result = InvarianceResult(
         model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
         provider=used, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
-        base_minimum_sharpness=base_ms)
+        base_minimum_sharpness=base_ms, loss_kind=imported.network.loss)
     grouped = uses_group(imported.network)
     if grouped:
         from .group import rescaling_group

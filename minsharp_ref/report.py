@@ -360,7 +360,8 @@ def invariance_blocks(result, samples: int) -> list[Block]:
         Table(["trial", "naive Tr H", "min. sharpness", "rel. dev.", "alpha"], rows,
               frozenset({0, 1, 2, 3})),
         f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
-        f"{result.base_minimum_sharpness:.15g} ({result.provider}, {samples} samples)"]
+        f"{result.base_minimum_sharpness:.15g} ({result.provider}, {samples} samples, "
+        f"{result.loss_kind} loss)"]
     if result.falsifying_alpha is not None:
         blocks.append("minimal failing alpha (shrunk by hypothesis): "
                       + ",".join(f"{a:.6g}" for a in result.falsifying_alpha))
