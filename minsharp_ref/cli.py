@@ -362,7 +362,10 @@ def invariance(
                                       on_trial=lambda _: phases.advance())
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-        Output(quiet).report(invariance_blocks(result, info["samples"]))
+        output = Output(quiet)
+        output.report(invariance_blocks(result, info["samples"]))
+        for w in result.warnings:
+            output.warning(w)
         return 0 if result.passed else 1
 
     run_guarded(debug, body)
@@ -421,7 +424,10 @@ def verify(
         summary = (f"{'FAIL' if failed else 'PASS'}: {len(rows) - len(failed) - len(missing)} "
                    f"passed, {len(failed)} failed, {len(missing)} not provided by theirs "
                    f"({result.data['samples']} samples, {result.provider})")
-        Output(quiet).report(verify_blocks(notes, table_rows(rows), summary))
+        output = Output(quiet)
+        output.report(verify_blocks(notes, table_rows(rows), summary))
+        for w in result.warnings:
+            output.warning(w)
         if json_path is not None:
             from .api import json_safe
 
@@ -429,7 +435,8 @@ def verify(
                    "model": result.model, "data": result.data, "loss_kind": result.loss_kind,
                    "expected": str(expected),
                    "data_mismatches": notes, "rtol": rtols, "atol": atols,
-                   "rows": [r.__dict__ for r in rows], "passed": not failed}
+                   "rows": [r.__dict__ for r in rows], "passed": not failed,
+                   "warnings": list(result.warnings)}
             write_atomically(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         return 1 if failed else 0
 

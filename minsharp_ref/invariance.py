@@ -42,6 +42,8 @@ class InvarianceResult:
     falsifying_alpha: Optional[tuple[float, ...]] = None
     #: the loss whose Hessian is traced: "cross-entropy", "binary" or "mse"
     loss_kind: str = "cross-entropy"
+    #: the unscaled model's scoring warnings, in ``score``'s words
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def max_deviation(self) -> float:
@@ -75,13 +77,14 @@ class InvarianceResult:
             "trials": [dataclasses.asdict(t) for t in self.trials],
             "max_deviation": self.max_deviation, "trace_ratio": self.trace_ratio,
             "falsifying_alpha": self.falsifying_alpha, "passed": self.passed,
+            "warnings": self.warnings,
         })
 
 
 def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, check: bool):
     run = traces_over(imported, iter(batches), None, provider, check=check)
     summary = summarise(imported, run.sums, False)
-    return summary.trace, summary.minimum_sharpness, run.provider
+    return summary.trace, summary.minimum_sharpness, run.provider, run.warnings + summary.warnings
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
@@ -113,12 +116,12 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
 
-    base_trace, base_ms, used = _score(imported, batches, provider, check=True)
+    base_trace, base_ms, used, warnings = _score(imported, batches, provider, check=True)
     tol = DEFAULT_RTOL.get(used, 1e-4) if rtol is None else rtol
     result = InvarianceResult(
         model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
         provider=used, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
-        base_minimum_sharpness=base_ms, loss_kind=imported.network.loss)
+        base_minimum_sharpness=base_ms, loss_kind=imported.network.loss, warnings=warnings)
     grouped = uses_group(imported.network)
     if grouped:
         from .group import rescaling_group
@@ -147,7 +150,7 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
         key = tuple(np.round(log10, 12))
         assume(failing or key not in seen)  # distinct draws only (the shrink phase may repeat)
         seen.add(key)
-        trace, ms, _ = _score(transform(imported, alpha, provider), batches, provider, check=False)
+        trace, ms, _, _ = _score(transform(imported, alpha, provider), batches, provider, check=False)
         deviation = abs(ms - base_ms) / base_ms if base_ms > 0 else abs(ms)
         trial = Trial(tuple(alpha.tolist()), trace, ms, deviation)
         if not failing:

@@ -135,14 +135,25 @@ def test_quiet_prints_nothing_but_errors(tmp_path):
     assert p.returncode == 0 and p.stdout == p.stderr == ""
 
 
-def test_warnings_go_to_stderr_one_line_each_in_the_json_words(tmp_path):
+@pytest.mark.parametrize("command", [["score"], ["invariance", "--trials", 2],
+                                     ["verify", "--expected", "EXPECTED"]])
+def test_warnings_go_to_stderr_one_line_each_in_the_json_words(tmp_path, command):
+    """score, invariance and verify: each warning of the scoring once on stderr, as the
+    JSON words it, never on stdout; --quiet drops them."""
     model, data = float64_conv_model(tmp_path)
+    expected = tmp_path / "theirs.json"
+    expected.write_text(json.dumps({"schema": "minsharp-ref/expected/v1", "traces": {}}))
     out = tmp_path / "r.json"
-    p = run(["score", model, "--data", data, "--provider", "numpy", "--json", out])
+    args = [command[0], model, "--data", data, "--provider", "numpy", "--json", out,
+            *[expected if a == "EXPECTED" else a for a in command[1:]]]
+    p = run(args)
     assert p.returncode == 0, p.stderr
     warnings = json.loads(out.read_text())["warnings"]
-    assert warnings and p.stderr.splitlines() == [f"warning: {w}" for w in warnings]
+    assert len(warnings) == 1 and warnings[0].startswith("import fidelity not checked: ")
+    assert p.stderr.splitlines() == [f"warning: {w}" for w in warnings]
     assert "warning:" not in p.stdout
+    quiet = run(args + ["--quiet"])
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
 
 
 @needs_pty
