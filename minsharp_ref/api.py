@@ -241,7 +241,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy",
           client=None, shard_size: Optional[int] = None,
-          scatter_data: bool = False) -> ScoreResult:
+          scatter_data: bool = False,
+          on_phase: Optional[Callable[[str], None]] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
@@ -255,8 +256,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
     (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
     samples on its workers (docs/dask.md); without one, in this process (in one piece, or
-    shard by shard when ``shard_size`` is given). Raises
-    ``MinsharpError`` on bad input.
+    shard by shard when ``shard_size`` is given). ``on_start(samples)`` and
+    ``progress(n)`` report the pass over the data, ``on_phase("solver")`` its end (for a
+    progress display). Raises ``MinsharpError`` on bad input.
     """
     from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
 
@@ -292,6 +294,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
 
         runs, distributed = run_shards(client, imported, spec, ranges, options, progress, scatter_data)
     run = merge(runs)
+    if on_phase:
+        on_phase("solver")
     sums = run.sums
     data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
                  "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),

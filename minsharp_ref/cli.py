@@ -154,17 +154,22 @@ def score(
             from .distributed import connect
 
             cluster = connect(dask)
-        with cluster as client, Phases(enabled=not quiet) as phases:
-            phases.start("import")
-            on_start, progress = phases.samples()
-            result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                               batch_size=batch_size, provider=provider,
-                               memory_budget=parse_bytes(memory_budget), precision=precision,
-                               diagonal=diag_path is not None, per_sample=per_sample_path is not None,
-                               measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                               loss=loss, progress=progress, on_start=on_start, engine=engine,
-                               client=client, shard_size=shard_size, scatter_data=scatter_data)
+        with Phases(enabled=not quiet) as phases:
+            if dask is not None:
+                phases.start("dask")  # connecting, or starting local:N's workers
+            with cluster as client:
+                phases.start("import")
+                on_start, progress = phases.samples("scoring" if dask is None else "shards")
+                result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
+                                   mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
+                                   batch_size=batch_size, provider=provider,
+                                   memory_budget=parse_bytes(memory_budget), precision=precision,
+                                   diagonal=diag_path is not None, per_sample=per_sample_path is not None,
+                                   measures=measures, input_shape=_ints(input_shape, "--input-shape"),
+                                   loss=loss, progress=progress, on_start=on_start, engine=engine,
+                                   client=client, shard_size=shard_size, scatter_data=scatter_data,
+                                   on_phase=phases.maybe_slow)
+                phases.done()
         doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
                                      sigma, max_sharpness))
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
@@ -416,7 +421,7 @@ def verify(
                                batch_size=batch_size, provider=provider,
                                diagonal=theirs_diag is not None,
                                input_shape=_ints(input_shape, "--input-shape"), loss=loss,
-                               progress=progress, on_start=on_start)
+                               progress=progress, on_start=on_start, on_phase=phases.maybe_slow)
         notes = data_mismatches(result, theirs)
         rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
         failed = [r for r in rows if r.status in ("FAIL", "UNKNOWN")]

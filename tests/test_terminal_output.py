@@ -163,3 +163,41 @@ def test_warnings_are_highlighted_on_a_terminal(tmp_path):
                               env=plain_env())
     assert code == 0, stream
     assert re.search(r"\x1b\[[0-9;]*mwarning: \x1b\[0m[^\n]*import fidelity not checked", stream)
+
+
+def test_a_maybe_slow_phase_keeps_its_line_only_when_slow(monkeypatch):
+    """The solver's phase (``api.score``'s ``on_phase``): drawn while it runs, kept on
+    screen only when it took SLOW_PHASE seconds or more; the bars before it stay."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    import minsharp_ref.progress as progress
+
+    monkeypatch.setattr(progress, "SLOW_PHASE", 0.3)
+    buf = io.StringIO()
+    with progress.Phases(console=Console(file=buf, force_terminal=True, width=100)) as phases:
+        phases.start("scoring", 10, "samples")
+        phases.advance(10)
+        phases.maybe_slow("fast")
+        phases.maybe_slow("slow")
+        time.sleep(0.4)
+    final = [line.split()[0] for line in list(screens(buf.getvalue()))[-1] if line.strip()]
+    assert final == ["scoring", "slow"]
+
+
+@needs_pty
+def test_dask_shows_its_own_phases():
+    """--dask: a bar while the cluster starts, then the scoring bar, named for the shards
+    it advances by."""
+    pytest.importorskip("distributed", reason="needs pip install 'minsharp-ref[dask]'")
+    code, stream = run_in_pty(CLI + [str(a) for a in SCORE] + ["--dask", "local:1", "--limit", "200",
+                                                             "--shard-size", "50"],
+                              env=plain_env(), cwd=ROOT)
+    assert code == 0, stream
+    final = list(screens(stream))[-1]
+    names = [line.split()[0] for line in final if line.split() and line.split()[0] in
+             ("dask", "import", "shards", "scoring", "solver")]
+    assert names == ["dask", "import", "shards"]
+    assert any(line.startswith("shards ") and "200/200 samples" in line for line in final)
