@@ -78,6 +78,33 @@ def test_plain_report_is_golden_and_stderr_is_clean():
     check_golden("score_mlp.txt", normalise(p.stdout))
 
 
+#: invariance's round-off-level parts: MS to 15 digits (kept to 10, the cell's width kept)
+#: and the relative deviations (cells right-aligned under their header, width kept)
+FIFTEEN_DIGITS = re.compile(r"( *)(\d+)\.(\d{9,})")
+ROUNDOFF = re.compile(r"( *)\b(0|\d(?:\.\d+)?e-1\d)(?=  |\s\(rtol)")
+
+
+def mask_roundoff(text: str) -> str:
+    def digits(m):
+        whole, frac = m.group(2), m.group(3)
+        keep = max(0, 10 - len(whole))
+        masked = f"{whole}.{frac[:keep]}" + "#" * (15 - len(whole) - keep)
+        return " " * max(0, len(m.group(1)) + len(whole) + 1 + len(frac) - len(masked)) + masked
+
+    def roundoff(m):
+        return " " * max(0, len(m.group(0)) - 5) + "<r/o>"
+
+    text = re.sub(r"deviation \S+ \(rtol", "deviation <r/o> (rtol", text)
+    return ROUNDOFF.sub(roundoff, FIFTEEN_DIGITS.sub(digits, text))
+
+
+def test_invariance_plain_report_is_golden():
+    p = run(["invariance", *SCORE[1:], "--trials", 3])
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    check_golden("invariance_mlp.txt", mask_roundoff(p.stdout))
+
+
 def test_verify_plain_report_is_golden(tmp_path):
     ours = tmp_path / "ours.json"
     assert run(SCORE + ["--json", ours, "--quiet"]).returncode == 0
@@ -117,6 +144,10 @@ def test_no_color_in_a_terminal_gives_the_plain_report_and_no_escape_codes():
     assert code == 0, stream
     assert "\x1b" not in stream and "\r" not in stream
     check_golden("score_mlp.txt", normalise(stream))
+    code, stream = run_in_pty(CLI + ["invariance", *map(str, SCORE[1:]), "--trials", "3"],
+                              env=plain_env(NO_COLOR="1"), cwd=ROOT)
+    assert code == 0 and "\x1b" not in stream and "\r" not in stream, stream
+    check_golden("invariance_mlp.txt", mask_roundoff(stream))
 
 
 @needs_pty
