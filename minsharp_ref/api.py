@@ -319,7 +319,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
         measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal, per_sample=per_sample_dict,
+        loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal,
+        per_sample=per_sample_dict,
         classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)
     return result
 

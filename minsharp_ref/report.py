@@ -305,7 +305,8 @@ def score_markdown(doc: dict) -> str:
     prep = "; ".join(d.get("preprocessing", [])) or "no preprocessing"
     keys = ", ".join(k for k in (d.get("x_key"), d.get("y_key")) if k)
     lines.append(f"Data `{d['path']}` [{keys}], {d['samples']} samples; {prep}. Forward: "
-                 f"{doc.get('provider')}. Loss: {doc.get('loss_kind', 'cross-entropy')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`."
+                 f"{doc.get('provider')}. Loss: {doc.get('loss_kind', 'cross-entropy')}. "
+                 f"Model sha256 `{doc['model'].get('sha256', '')[:12]}`."
                  + (f" E{engine_line(doc)[1:]}." if doc.get("engine_check") else ""))
     lines.append("")
     ms_se, trace_se = doc.get("minimum_sharpness_stderr"), doc.get("trace_stderr")
