@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import measure, measure_diagonal, signals_at_parameters, tensor_columns
+from .engine import measure, measure_into, signals_at_parameters, tensor_columns
 from .ir import BatchNorm, Network
 
 
@@ -43,13 +43,7 @@ def traces_with_folded(network: Network, folded: Network, inputs: list[Optional[
     waiting: dict[int, np.ndarray] = {}  # folded layer → the signal at its output
     diagonals: dict[str, np.ndarray] = {}
     for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype):
-        if diagonal:
-            t_w, t_b, d_w, d_b = measure_diagonal(layer, g, a)
-            diagonals[layer.weight_name] = d_w
-            if d_b is not None:
-                diagonals[layer.bias_name] = d_b
-        else:
-            t_w, t_b = measure(layer, g, a)
+        t_w, t_b = measure_into(layer, g, a, diagonals if diagonal else None)
         original.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
         if layer.output_name in folded_into:  # W of a folded pair: the BN's output signal
             p = folded_into[layer.output_name]

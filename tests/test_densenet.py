@@ -151,3 +151,21 @@ def test_invariance_command_passes(stem, tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert doc["passed"] and doc["max_deviation"] <= 1e-9 and doc["trace_ratio"] > 10
+
+
+def test_verify_passes_on_the_reference_and_fails_on_one_percent(tmp_path):
+    """The reference is a `verify --expected` document: it passes at 1e-9 and a trace moved
+    by 1% fails (exit 1, one FAIL row naming it)."""
+    path = FIXTURES / "densenet_torchscript.onnx"
+    args = ["verify", str(path), "--data", str(MNIST), "--mean", "0.5", "--std", "0.5",
+            "--limit", "64", "--rtol", "1e-9", "--atol", "0"]
+    ref = FIXTURES / "densenet_torchscript_expected.json"
+    r = CliRunner().invoke(app, [*args, "--expected", str(ref)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(ref.read_text())
+    doc["traces"]["transition.0.weight"] *= 1.01
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(doc))
+    r = CliRunner().invoke(app, [*args, "--expected", str(moved)])
+    failing = [line for line in r.stdout.splitlines() if line.rstrip().endswith("FAIL")]
+    assert r.exit_code == 1 and len(failing) == 1 and "transition.0.weight" in failing[0]
