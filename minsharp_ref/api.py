@@ -133,6 +133,9 @@ class Summary:
     classes: list[dict] = field(default_factory=list)
     folded: Optional[dict] = None
     loss_stderr: Optional[float] = None
+    #: per layer of the scored parametrisation (the folded one with BatchNorm): the traces
+    #: at the minimiser, t_p/α_p² and u_p/c_p² (section 9; they sum to MS); None when dead
+    traces_at_alpha: list[dict] = field(default_factory=list)
 
 
 def _layer_results(network: Network, t, u, alpha) -> list[LayerResult]:
@@ -202,32 +205,29 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Sum
         weights[offset:] = 1.0
         folded_doc = {"layers": scored_layers, "trace": float(mean[offset:].sum()),
                       "trace_stderr": sums.stderr(weights)}
+    at_alpha = [{"weight": None if scales is None else float(t[p] / scales[0][p] ** 2),
+                 "bias": None if scales is None or layer.bias is None
+                 else float(u[p] / scales[1][p] ** 2)}
+                for p, layer in enumerate(scored.param_layers)]
     return Summary(layers, float(mean[:len(cols)].sum()), sums.stderr(original), ms.value,
                    ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc,
-                   sums.loss_stderr if has_labels else None)
+                   sums.loss_stderr if has_labels else None, at_alpha)
 
 
-def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
-    """``--measures``: normalised sharpness per layer and the per-layer traces at α*
-    (Proposition 2: t_d/α*_d², u_d/c*_d²; all equal to MS/D without biases)."""
+def more_measures(network: Network, summary: Summary, diagonal: dict) -> dict:
+    """``--measures``: normalised sharpness per parameterised layer (docs/method.md section
+    12; with BatchNorm on the original parametrisation, each γ a diagonal layer) and the
+    per-layer traces at the minimiser of MS (section 9: t_p/α*_p², u_p/c*_p², summing to MS;
+    all equal to MS/D for a chain without biases; with BatchNorm on the folded view)."""
     from .measures import normalised_sharpness
 
     ns = normalised_sharpness(network, diagonal)
-    at_alpha = []
-    c = 1.0
-    for layer in layers:
-        if layer.alpha is None:
-            at_alpha.append({"weight": None, "bias": None})
-            continue
-        c *= layer.alpha
-        at_alpha.append({"weight": layer.trace_weight / layer.alpha ** 2,
-                         "bias": None if layer.trace_bias is None else layer.trace_bias / c ** 2})
     return {
         "normalised_sharpness": {
             "value": sum(n.value for n in ns),
             "layers": [{"value": n.value, "lower_bound": n.lower_bound,
                         "gradient_norm": n.gradient_norm} for n in ns]},
-        "traces_at_alpha": at_alpha,
+        "traces_at_alpha": summary.traces_at_alpha,
     }
 
 
@@ -268,8 +268,6 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     imported = with_loss(imported, loss)
     t_import = time.perf_counter() - start
     network = imported.network
-    if measures and (not network.is_chain or network.has_batchnorm):
-        raise MinsharpError("--measures supports chain networks without BatchNorm only")
     dataset = open_dataset(data, split, x_key, y_key, limit)
     dataset.close()
     prep = Preprocessing(mean, std)
@@ -318,7 +316,7 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         loss=summary.loss, accuracy=summary.accuracy, postprocessing=network.postprocessing,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
-        measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
+        measures=more_measures(network, summary, run.diagonal) if measures else None,
         loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal,
         per_sample=per_sample_dict,
         classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)

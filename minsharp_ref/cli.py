@@ -225,7 +225,7 @@ def parse_bytes(text: str) -> int:
 def rescale(
     model: Path = typer.Argument(..., help="ONNX model file."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the rescaled model."),
-    alpha: Optional[str] = typer.Option(None, help="α per parameterised layer, comma-separated (product 1)."),
+    alpha: Optional[str] = typer.Option(None, help="α per parameterised layer, comma-separated (product 1); networks with branches or BatchNorm: tensor=α per free class (or one α per class, in the score report's order)."),
     normalize: bool = typer.Option(False, help="Divide --alpha by its geometric mean."),
     random: bool = typer.Option(False, "--random", help="Draw α log-uniformly (see --spread, --seed)."),
     neurons: bool = typer.Option(False, "--neurons", help="Neuron-wise rescaling with random γ per unit/channel."),
@@ -241,7 +241,7 @@ def rescale(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
     """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
-    networks with branches or BatchNorm: --random over the group of docs/method.md section 9).
+    networks with branches or BatchNorm: --random or --alpha per class over the group of docs/method.md section 9).
 
     Both models run in onnxruntime on the same batch; nothing is written unless their logits
     agree to float32 tolerance."""
@@ -252,10 +252,10 @@ def rescale(
         from .onnx_import import import_model
         import math
 
-        from .group import rescaling_group
+        from .group import folded_view, rescaling_group
         from .report import Output
-        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, group_parameters,
-                              logits_agree, neuron_parameters, random_alpha, random_log_scales,
+        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, class_log_scales,
+                              group_parameters, logits_agree, neuron_parameters, random_alpha, random_log_scales,
                               uses_group)
         from .runtime import FIDELITY_RTOL, OrtForward
 
@@ -269,11 +269,12 @@ def rescale(
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
         if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
-            if not random:
-                raise MinsharpError("this network has branches or BatchNorm: only --random "
-                                    "applies (one random scale per class of tied tensors)")
+            if neurons or normalize:
+                raise MinsharpError("this network has branches or BatchNorm: --random, or "
+                                    "--alpha with one scale per class of tied tensors")
             group = rescaling_group(network)
-            ell = random_log_scales(group, rng, spread)
+            ell = random_log_scales(group, rng, spread) if random else class_log_scales(
+                group, alpha, rescaling_group(folded_view(network) or network).names)
             params = group_parameters(network, ell, group)
             what = "scale per class " + ", ".join(
                 f"{name}={math.exp(v):.6g}" for name, v in zip(group.names, ell))

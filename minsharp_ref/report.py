@@ -252,7 +252,7 @@ def score_blocks(doc: dict) -> list[Block]:
         ns = m["normalised_sharpness"]
         blocks.append(f"normalised sharpness {ns['value']:.8g}  (per layer: "
                       + ", ".join(f"{l['value']:.4g}" for l in ns["layers"]) + ")")
-        blocks.append("traces at alpha*     " + ", ".join(
+        blocks.append("traces at alpha*" + (" (folded)" if doc.get("folded") else "") + "     " + ", ".join(
             f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
             for l in m["traces_at_alpha"] if l["weight"] is not None))
     base = doc.get("baseline")

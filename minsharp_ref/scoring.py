@@ -14,6 +14,7 @@ import numpy as np
 
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
+from .folded_traces import traces_with_folded
 from .group import folded_inputs, folded_view
 from .ir import Network
 from .onnx_import import ImportedModel
@@ -225,11 +226,13 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             if not np.all(np.isfinite(logits)):
                 return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
             t1 = time.perf_counter()
-            traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
-                if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
-            if folded is not None:  # columns after the original ones
-                traces = np.hstack([traces, per_sample_traces(
-                    signal_folded, folded_inputs(network, folded, inputs), logits, dtype)])
+            if folded is None:
+                traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
+                    if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
+            else:  # the folded view's columns after the original ones, from the same signals
+                traces, traces_folded, diag = traces_with_folded(
+                    signal_network, signal_folded, inputs, logits, dtype, diagonal)
+                traces = np.hstack([traces, traces_folded])
             return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
 
     sums = TraceSums(columns + (0 if folded is None else len(tensor_columns(folded))))
