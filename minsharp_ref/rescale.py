@@ -141,7 +141,7 @@ def group_parameters(network: Network, ell: np.ndarray,
         put(layer.weight_name, layer.weight * math.exp(lout - lin))
         if layer.bias is not None:
             put(layer.bias_name, layer.bias * math.exp(lout))
-        if isinstance(layer, BatchNorm):
+        if isinstance(layer, BatchNorm) and layer.mean_name:  # none: a diagonal layer
             put(layer.mean_name, layer.mean * math.exp(lin))
     return params
 

@@ -38,7 +38,7 @@ def scored(stem: str, provider: str):
 
 
 def test_every_reference_names_a_fixture_and_a_recorded_exporter_version():
-    assert len(REFERENCES) == 9
+    assert len(REFERENCES) == 10
     for stem, (doc, _) in REFERENCES.items():
         assert (FIXTURES / f"{stem}.onnx").is_file()
         assert (FIXTURES / f"{stem}.onnx").stat().st_size < 300_000
@@ -106,6 +106,20 @@ def test_tf2onnx_drops_zero_bias_fuses_conv_bias_and_names_batch_unk():
     assert {"Shape", "Gather", "Slice", "Concat"} <= set(ops("keras_cnn"))  # shape arithmetic
     binary = import_model(FIXTURES / "keras_binary.onnx").network
     assert binary.loss == "binary" and binary.postprocessing[0].startswith("Sigmoid")
+
+
+def test_tf2onnx_writes_batchnorm_after_a_biased_layer_as_mul_add_a_diagonal_layer():
+    """Keras BatchNormalization after a biased Conv2D or a Dense: tf2onnx writes Mul(x, γ s)
+    then Add(β − γ s μ) (no BatchNormalization node); each pair is a per-channel diagonal
+    layer whose two constants are scored (reference: fixtures/make_keras_fixtures.py)."""
+    assert "BatchNormalization" not in ops("keras_bn") and ops("keras_bn").count("Mul") == 2
+    net = import_model(FIXTURES / "keras_bn.onnx").network
+    assert [type(l).__name__ for l in net.param_layers] == [
+        "Conv2d", "BatchNorm", "Dense", "BatchNorm", "Dense"]
+    diagonal = [l for l in net.param_layers if isinstance(l, ir.BatchNorm)]
+    assert [l.weight_name.rsplit("/", 1)[-1] for l in diagonal] == ["mul:0", "mul:0"]
+    assert all(l.bias is not None and not l.mean.any() and l.epsilon == 0 for l in diagonal)
+    assert net.has_batchnorm and [l.weight.shape for l in diagonal] == [(8,), (16,)]
 
 
 def test_jax2onnx_gemm_in_by_out_pretransposed_conv_kernels_and_nhwc_transposes():

@@ -1,4 +1,5 @@
-"""Converters for Add/Sub/Mul/Div with a constant: a bias after MatMul/Conv, or input
+"""Converters for Add/Sub/Mul/Div with a constant: a bias after MatMul/Conv, a per-channel
+scale after a layer (a decomposed batch normalisation, normalisation.py), or input
 preprocessing (InputAffine) before the first layer."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from .. import ir
 from .context import (const, converter, data_input, emit, fail, param, per_sample_constant,
                       producer)
 from .merge import add_branches
+from .normalisation import channel_vector, scale_channels
 
 
 @converter("Add", "Sub", "Mul", "Div")
@@ -22,21 +24,22 @@ def _elementwise(node, ctx):
     c = const(node, ctx, 1 if data_first else 0, "operand").astype(np.float64)
     shape = ctx.shapes[x]
     last = producer(ctx, x)
-    if (node.op_type == "Add" and isinstance(last, (ir.Dense, ir.Conv2d)) and last.bias is None
-            and not any(x in l.inputs for l in ctx.layers)):
-        # MatMul (or Conv) + Add: the constant is the layer's bias
-        out = last.out_features if isinstance(last, ir.Dense) else last.out_channels
-        expected = (out,) if isinstance(last, ir.Dense) else (out, 1, 1)
-        squeezed = c.reshape(c.shape[1:]) if c.ndim == len(shape) + 1 and c.shape[0] == 1 else c
-        if squeezed.shape != expected:
-            raise fail(node, f"adds a constant of shape {c.shape} after a layer with {out} "
-                              "outputs: not a bias, and not positively homogeneous")
+    if (node.op_type == "Add" and isinstance(last, (ir.Dense, ir.Conv2d, ir.BatchNorm))
+            and last.bias is None and not any(x in l.inputs for l in ctx.layers)):
+        # MatMul (or Conv, or a per-channel Mul) + Add: the constant is the layer's bias
+        if channel_vector(c, shape) is None:
+            raise fail(node, f"adds a constant of shape {c.shape} after a layer with "
+                              f"{shape[0]} outputs: not a bias, and not positively homogeneous")
         source = param(node, ctx, 1 if data_first else 0, "bias")
         ctx.layers[ctx.layers.index(last)] = dataclasses.replace(
-            last, bias_name=source[0], bias=source[1], output_name=node.output[0],
+            last, bias_name=source[0],
+            bias=source[1].reshape(-1) if isinstance(last, ir.BatchNorm) else source[1], output_name=node.output[0],
             nodes=last.nodes + (node.name or node.output[0],))
         ctx.shapes[node.output[0]] = shape
         ctx.live = node.output[0]
+        return
+    if node.op_type == "Mul" and ctx.has_params and scale_channels(
+            node, ctx, x, 1 if data_first else 0):
         return
     if ctx.has_params:
         raise fail(node, "an elementwise operation with a constant after a parameterised "

@@ -1,6 +1,9 @@
-"""Converter for BatchNormalization in inference mode (docs/method.md section 10)."""
+"""Converter for BatchNormalization in inference mode, and the per-channel scale an exporter
+writes for a decomposed one (docs/method.md section 10)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -43,3 +46,31 @@ def _batchnorm(node, ctx):
     emit(ctx, node, ir.BatchNorm, x, weight_name=gamma[0], weight=gamma[1].reshape(-1),
          bias_name=beta[0], bias=beta[1].reshape(-1), mean=mean.astype(np.float64).reshape(-1),
          mean_name=node.input[3], var=var, epsilon=epsilon)
+
+
+def channel_vector(c: np.ndarray, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    """``c`` as one value per channel (axis 0 of the per-sample ``shape``), or None when it
+    is not shaped (1,) C (1, 1) or C (1, 1) (a leading batch axis of 1 allowed)."""
+    if c.ndim == len(shape) + 1 and c.shape[0] == 1:
+        c = c.reshape(c.shape[1:])
+    if c.shape == (shape[0],) + (1,) * (len(shape) - 1):
+        return c.reshape(-1)
+    return None
+
+
+def scale_channels(node, ctx, x: str, index: int) -> bool:
+    """Mul by a per-channel constant after a parameterised layer: the scale half of a batch
+    normalisation decomposed by the exporter (tf2onnx writes a Keras BatchNormalization
+    after a Dense or a biased Conv2D as Mul(x, γ s) then Add(β − γ s μ)). It becomes the
+    per-channel diagonal layer y = a x (+ b, the Add that follows, see elementwise.py): a
+    BatchNorm with μ = 0, σ² = 1, ε = 0 (docs/method.md section 10) whose γ and β are the
+    file's two constants. Returns False when the constant is not per channel."""
+    c = const(node, ctx, index, "operand")
+    if len(ctx.shapes[x]) not in (1, 3) or channel_vector(c, ctx.shapes[x]) is None:
+        return False
+    name, values, _ = param(node, ctx, index, "scale")
+    channels = ctx.shapes[x][0]
+    emit(ctx, node, ir.BatchNorm, x, weight_name=name, weight=values.reshape(-1),
+         bias_name=None, bias=None, mean=np.zeros(channels), mean_name="",
+         var=np.ones(channels), epsilon=0.0)
+    return True
