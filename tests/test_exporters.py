@@ -38,7 +38,7 @@ def scored(stem: str, provider: str):
 
 
 def test_every_reference_names_a_fixture_and_a_recorded_exporter_version():
-    assert len(REFERENCES) == 10
+    assert len(REFERENCES) == 11
     for stem, (doc, _) in REFERENCES.items():
         assert (FIXTURES / f"{stem}.onnx").is_file()
         assert (FIXTURES / f"{stem}.onnx").stat().st_size < 300_000
@@ -56,8 +56,8 @@ def test_traces_match_the_framework_reference(stem, provider):
     rtol = TOLERANCE[provider]
     for got, want in zip(r.layers, model["layers"]):
         assert got.trace_weight == pytest.approx(want["weight"], rel=rtol), (got.name, "weight")
-        if got.bias is None:  # tf2onnx drops an all-zero bias: then so does the import
-            assert want["bias_all_zero"], got.name
+        if got.bias is None:  # none in the model, or all-zero and dropped by tf2onnx
+            assert want["bias"] is None or want["bias_all_zero"], got.name
         else:
             assert got.trace_bias == pytest.approx(want["bias"], rel=rtol), (got.name, "bias")
 
@@ -138,6 +138,23 @@ def test_jax2onnx_gemm_in_by_out_pretransposed_conv_kernels_and_nhwc_transposes(
     assert cnn.postprocessing == ("Softmax (node_Softmax_21)",)
 
 
+def test_jax2onnx_keeps_flax_batchnorm_and_writes_the_nhwc_mean_as_reducemean_axes_1_2():
+    """Flax nnx.BatchNorm (inference) is a BatchNormalization node between the NCHW
+    transposes; ``jnp.mean(h, axis=(1, 2))`` on NHWC is ReduceMean over axes (1, 2), imported
+    as a Transpose to (C, H, W), a global average pool and a Reshape to (C,)."""
+    proto = onnx.load(str(FIXTURES / "jax_resnet_bn.onnx"))
+    mean = next(n for n in proto.graph.node if n.op_type == "ReduceMean")
+    axes = next(onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
+                if t.name == mean.input[1])
+    assert axes.tolist() == [1, 2] and ops("jax_resnet_bn").count("BatchNormalization") == 3
+    net = import_model(FIXTURES / "jax_resnet_bn.onnx").network
+    at = next(i for i, l in enumerate(net.layers) if l.nodes == (mean.name,)
+              and isinstance(l, ir.Transpose))
+    assert [type(l).__name__ for l in net.layers[at:at + 3]] == ["Transpose", "AvgPool2d", "Reshape"]
+    assert net.layers[at + 2].shape == (8,)
+    assert [type(l).__name__ for l in net.param_layers].count("BatchNorm") == 3
+
+
 @pytest.mark.parametrize("stem", ["keras_mlp", "keras_cnn", "jax_mlp", "jax_cnn"])
 def test_alpha_invariance_passes(stem, tmp_path):
     out = tmp_path / "inv.json"
@@ -156,3 +173,17 @@ def test_cli_scores_every_exporter_fixture(stem):
                                  "--limit", "64", *extra])
     assert r.exit_code == 0, r.output
     assert f"loss: {model['loss']}" in r.stdout
+
+
+def test_a_fixed_batch_size_is_refused_with_the_export_hint():
+    """``torch.onnx.export(model, x, path)`` without dynamic_axes fixes the batch size to the
+    dummy input's (fixtures/make_fixtures.py, ``static_batch``); onnxruntime then fails on
+    any other batch size, so the import refuses it and says how to export."""
+    path = FIXTURES / "mlp_static_batch_torchscript.onnx"
+    r = CliRunner().invoke(app, ["score", str(path), "--data", str(MNIST), "--limit", "8"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == [
+        f'error: {path}: input "onnx::Flatten_0" has a fixed batch size of 1; samples are '
+        'scored in batches of any size: export with a dynamic batch dimension (PyTorch: '
+        'input_names=["x"], dynamic_axes={"x": {0: "batch"}}, or dynamo=True with '
+        'dynamic_shapes; see docs/exporting.md)']

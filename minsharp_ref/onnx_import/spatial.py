@@ -97,29 +97,42 @@ def _global_pool(node, ctx):
         emit(ctx, node, ir.AvgPool2d, x, geometry=geom)
 
 
+def _renamed(node, output: str) -> onnx.NodeProto:
+    """A copy of ``node`` writing ``output``: one ONNX node that becomes several layers."""
+    inner = onnx.NodeProto()
+    inner.CopyFrom(node)
+    del inner.output[:]
+    inner.output.append(output)
+    return inner
+
+
 @converter("ReduceMean")
 def _reduce_mean(node, ctx):
-    """Mean over the two spatial axes of (C, H, W): global average pooling (the dynamo
-    exporter writes ``x.mean((2, 3))`` and AdaptiveAvgPool2d(1) so); keepdims=0 adds a
-    Reshape to (C,)."""
-    x, shape = _pool_input(node, ctx)
+    """Mean over the two spatial axes: global average pooling. Of (C, H, W), axes (2, 3):
+    the dynamo exporter writes ``x.mean((2, 3))`` and AdaptiveAvgPool2d(1) so. Of (H, W, C),
+    axes (1, 2): jax2onnx writes Flax's ``jnp.mean(x, axis=(1, 2))`` on NHWC so; a Transpose
+    to (C, H, W) comes first. keepdims=0 (or NHWC) adds a Reshape to the output shape."""
+    x = data_input(node, ctx)
+    shape = ctx.shapes[x]
     a = attrs(node)
     axes = a.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = const(node, ctx, 1, "axes").reshape(-1).tolist()
-    if axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
-        raise fail(node, f"axes {axes}: only the mean over the spatial axes (2, 3) is supported")
-    out = node.output[0]
-    if a.get("keepdims", 1):
-        emit(ctx, node, ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
-        return
-    pooled = f"{out}::pooled"
-    inner = onnx.NodeProto()
-    inner.CopyFrom(node)
-    del inner.output[:]
-    inner.output.append(pooled)
-    emit(ctx, inner, ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
-    emit(ctx, node, ir.Reshape, pooled, shape=(shape[0],))
+    axes = None if axes is None or len(shape) != 3 else sorted(int(v) % 4 for v in axes)
+    if axes not in ([2, 3], [1, 2]):
+        raise fail(node, f"axes {a.get('axes', axes)} of per-sample shape {shape}: only the mean "
+                          "over the two spatial axes of (C, H, W) or (H, W, C) is supported")
+    out, keep = node.output[0], a.get("keepdims", 1)
+    if axes == [1, 2]:  # channels last
+        emit(ctx, _renamed(node, f"{out}::nchw"), ir.Transpose, x, perm=(2, 0, 1))
+        x, shape = f"{out}::nchw", (shape[2], shape[0], shape[1])
+        final = (1, 1, shape[0]) if keep else (shape[0],)
+    else:
+        final = None if keep else (shape[0],)
+    pooled = out if final is None else f"{out}::pooled"
+    emit(ctx, _renamed(node, pooled), ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
+    if final is not None:
+        emit(ctx, node, ir.Reshape, pooled, shape=final)
 
 
 @converter("Pad")
