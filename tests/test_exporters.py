@@ -38,7 +38,7 @@ def scored(stem: str, provider: str):
 
 
 def test_every_reference_names_a_fixture_and_a_recorded_exporter_version():
-    assert len(REFERENCES) == 11
+    assert len(REFERENCES) == 12
     for stem, (doc, _) in REFERENCES.items():
         assert (FIXTURES / f"{stem}.onnx").is_file()
         assert (FIXTURES / f"{stem}.onnx").stat().st_size < 300_000
@@ -155,7 +155,23 @@ def test_jax2onnx_keeps_flax_batchnorm_and_writes_the_nhwc_mean_as_reducemean_ax
     assert [type(l).__name__ for l in net.param_layers].count("BatchNorm") == 3
 
 
-@pytest.mark.parametrize("stem", ["keras_mlp", "keras_cnn", "jax_mlp", "jax_cnn"])
+def test_jax2onnx_nhwc_concat_on_axis_3_and_mean_as_reducesum_then_div():
+    """``jnp.concatenate(..., axis=-1)`` on NHWC is Concat axis 3; ``h.mean(axis=(1, 2))`` is
+    ReduceSum over (1, 2) then Div by H·W: imported as transposes around a channel Concat,
+    and as one global average pool (the Div converted with its ReduceSum)."""
+    proto = onnx.load(str(FIXTURES / "jax_concat_mean.onnx"))
+    concat = next(n for n in proto.graph.node if n.op_type == "Concat")
+    assert onnx.helper.get_attribute_value(concat.attribute[0]) == 3
+    assert ops("jax_concat_mean")[-3:] == ["ReduceSum", "Div", "Gemm"]
+    net = import_model(FIXTURES / "jax_concat_mean.onnx").network
+    kinds = [type(l).__name__ for l in net.layers]
+    assert "Transpose, Transpose, Concat, Transpose" in ", ".join(kinds)
+    assert kinds[-4:] == ["Transpose", "AvgPool2d", "Reshape", "Dense"]
+    assert net.layers[-2].nodes == (proto.graph.node[-2].name,)  # named by the Div
+
+
+@pytest.mark.parametrize("stem", ["keras_mlp", "keras_cnn", "keras_bn", "jax_mlp", "jax_cnn",
+                                  "jax_resnet_bn", "jax_concat_mean"])
 def test_alpha_invariance_passes(stem, tmp_path):
     out = tmp_path / "inv.json"
     r = CliRunner().invoke(app, ["invariance", str(FIXTURES / f"{stem}.onnx"), "--data", str(MNIST),
@@ -179,7 +195,7 @@ def test_a_fixed_batch_size_is_refused_with_the_export_hint():
     """``torch.onnx.export(model, x, path)`` without dynamic_axes fixes the batch size to the
     dummy input's (fixtures/make_fixtures.py, ``static_batch``); onnxruntime then fails on
     any other batch size, so the import refuses it and says how to export."""
-    path = FIXTURES / "mlp_static_batch_torchscript.onnx"
+    path = FIXTURES / "refused" / "mlp_static_batch_torchscript.onnx"
     r = CliRunner().invoke(app, ["score", str(path), "--data", str(MNIST), "--limit", "8"])
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == [

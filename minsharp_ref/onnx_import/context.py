@@ -57,6 +57,10 @@ class Context:
     #: Identity outputs of constants: the legacy exporter stores bit-identical initializers
     #: once and feeds the other uses through an Identity (see ``param``)
     copies: set[str] = field(default_factory=set)
+    #: tensor name → the nodes that read it (whole graph)
+    consumers: dict[str, list] = field(default_factory=dict)
+    #: nodes already converted together with an earlier one (e.g. ReduceSum's Div)
+    fused: set[int] = field(default_factory=set)
 
     def canonical(self, name: str) -> str:
         while name in self.alias:
@@ -164,6 +168,15 @@ def emit(ctx, node, layer_cls, in_name: str, **fields):
     ctx.layers.append(layer)
     ctx.shapes[node.output[0]] = tuple(int(s) for s in out_shape)
     ctx.live = node.output[0]
+
+
+def renamed(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
+    """A copy of ``node`` writing ``output``: for one ONNX node that becomes several layers."""
+    inner = onnx.NodeProto()
+    inner.CopyFrom(node)
+    del inner.output[:]
+    inner.output.append(output)
+    return inner
 
 
 def per_sample_constant(node, c: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:

@@ -150,11 +150,14 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     head = find_head(needed, inp.name, [o.name for o in graph.output])
     stripped = {id(n) for n in head.nodes}
     for node in needed:
+        for name in node.input:
+            ctx.consumers.setdefault(name, []).append(node)
+    for node in needed:
         if node.name and node.name in node_names:
             raise MinsharpError(f'node name "{node.name}" is used twice')
         node_names.add(node.name)
-        if id(node) in stripped:
-            continue  # the head: not run (head.py)
+        if id(node) in stripped or id(node) in ctx.fused:
+            continue  # the head: not run (head.py); or converted with an earlier node
         if node.domain not in allowed_domains:
             raise fail(node, f"custom domain {node.domain!r} is not supported")
         data_in = [n for n in node.input if ctx.is_data(n)]

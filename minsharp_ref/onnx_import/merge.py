@@ -4,7 +4,7 @@ computed tensors (residual connections), Concat along channels (DenseNet-style).
 from __future__ import annotations
 
 from .. import ir
-from .context import converter, emit, fail
+from .context import converter, emit, fail, renamed
 
 
 def _branches(node, ctx) -> list[str]:
@@ -40,16 +40,31 @@ def add_branches(node, ctx):
 
 @converter("Concat")
 def _concat(node, ctx):
-    """Concat of branches along the channel axis (axis 1 with the batch axis)."""
+    """Concat of branches along the channel axis: axis 1 with the batch axis, or the last
+    axis of (H, W, C) (jax2onnx writes Flax's ``jnp.concatenate(..., axis=-1)`` on NHWC so:
+    each branch is transposed to (C, H, W), concatenated, and transposed back)."""
     names = _branches(node, ctx)
     if _single(node, ctx, names):
         return
-    shapes = [ctx.shapes[n] for n in names]
-    rank = len(shapes[0]) + 1
+    rank = len(ctx.shapes[names[0]]) + 1
     axis = int(next((a.i for a in node.attribute if a.name == "axis"), 1))
-    if axis % rank != 1:
-        raise fail(node, f"axis={axis}: only concatenation along channels (axis 1) is supported")
-    if any(len(s) != rank - 1 or s[1:] != shapes[0][1:] for s in shapes):
+    if rank == 4 and axis % rank == 3:
+        out = node.output[0]
+        nchw = [f"{out}::nchw{i}" for i in range(len(names))]
+        for name, t in zip(names, nchw):
+            emit(ctx, renamed(node, t), ir.Transpose, name, perm=(2, 0, 1))
+        _along_channels(renamed(node, f"{out}::nchw"), ctx, nchw)
+        emit(ctx, node, ir.Transpose, f"{out}::nchw", perm=(1, 2, 0))
+    elif axis % rank == 1:
+        _along_channels(node, ctx, names)
+    else:
+        raise fail(node, f"axis={axis}: only concatenation along channels (axis 1, or the last "
+                          "axis of NHWC) is supported")
+
+
+def _along_channels(node, ctx, names: list[str]) -> None:
+    shapes = [ctx.shapes[n] for n in names]
+    if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
         raise fail(node, f"branches of per-sample shapes {shapes} do not concatenate along channels")
     emit(ctx, node, ir.Concat, names[0], other_inputs=tuple(names[1:]),
          sizes=tuple(s[0] for s in shapes))

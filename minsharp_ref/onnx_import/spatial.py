@@ -7,7 +7,8 @@ import onnx
 
 from .. import ir
 from ..windows import Geometry
-from .context import attrs, computed_zeros, const, converter, data_input, emit, fail, param
+from .context import (attrs, computed_zeros, const, converter, data_input, emit, fail, param,
+                      renamed)
 
 
 def spatial_geometry(node, ctx, in_hw, kernel, ceil_mode=False) -> Geometry:
@@ -97,21 +98,14 @@ def _global_pool(node, ctx):
         emit(ctx, node, ir.AvgPool2d, x, geometry=geom)
 
 
-def _renamed(node, output: str) -> onnx.NodeProto:
-    """A copy of ``node`` writing ``output``: one ONNX node that becomes several layers."""
-    inner = onnx.NodeProto()
-    inner.CopyFrom(node)
-    del inner.output[:]
-    inner.output.append(output)
-    return inner
-
-
-@converter("ReduceMean")
+@converter("ReduceMean", "ReduceSum")
 def _reduce_mean(node, ctx):
     """Mean over the two spatial axes: global average pooling. Of (C, H, W), axes (2, 3):
     the dynamo exporter writes ``x.mean((2, 3))`` and AdaptiveAvgPool2d(1) so. Of (H, W, C),
     axes (1, 2): jax2onnx writes Flax's ``jnp.mean(x, axis=(1, 2))`` on NHWC so; a Transpose
-    to (C, H, W) comes first. keepdims=0 (or NHWC) adds a Reshape to the output shape."""
+    to (C, H, W) comes first. keepdims=0 (or NHWC) adds a Reshape to the output shape.
+    ReduceSum followed by a Div by the number of summed positions is the same mean (jax2onnx
+    writes ``h.mean(axis=(1, 2))`` so); the Div is converted with it."""
     x = data_input(node, ctx)
     shape = ctx.shapes[x]
     a = attrs(node)
@@ -123,16 +117,33 @@ def _reduce_mean(node, ctx):
         raise fail(node, f"axes {a.get('axes', axes)} of per-sample shape {shape}: only the mean "
                           "over the two spatial axes of (C, H, W) or (H, W, C) is supported")
     out, keep = node.output[0], a.get("keepdims", 1)
+    if node.op_type == "ReduceSum":
+        node, out = _sum_then_divide(node, ctx, shape[1] * shape[2] if axes == [2, 3]
+                                     else shape[0] * shape[1])
     if axes == [1, 2]:  # channels last
-        emit(ctx, _renamed(node, f"{out}::nchw"), ir.Transpose, x, perm=(2, 0, 1))
+        emit(ctx, renamed(node, f"{out}::nchw"), ir.Transpose, x, perm=(2, 0, 1))
         x, shape = f"{out}::nchw", (shape[2], shape[0], shape[1])
         final = (1, 1, shape[0]) if keep else (shape[0],)
     else:
         final = None if keep else (shape[0],)
     pooled = out if final is None else f"{out}::pooled"
-    emit(ctx, _renamed(node, pooled), ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
+    emit(ctx, renamed(node, pooled), ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
     if final is not None:
         emit(ctx, node, ir.Reshape, pooled, shape=final)
+
+
+def _sum_then_divide(node, ctx, count: int):
+    """The Div that makes a spatial ReduceSum a mean: (that Div, its output); refused when
+    the sum has another reader or the divisor is not the count."""
+    readers = ctx.consumers.get(node.output[0], [])
+    div = readers[0] if len(readers) == 1 else None
+    divisor = ctx.consts.get(div.input[1]) if div is not None and div.op_type == "Div" else None
+    if (divisor is None or div.input[0] != node.output[0] or divisor.size != 1
+            or float(divisor.reshape(-1)[0]) != count):
+        raise fail(node, f"a sum over the {count} spatial positions is supported only as a "
+                          f"mean (followed by a Div by {count})")
+    ctx.fused.add(id(div))
+    return div, div.output[0]
 
 
 @converter("Pad")
