@@ -271,6 +271,20 @@ class _Builder:
         self.weights.append(g_name)
         self.biases.append(b_name)
 
+    def channel_affine(self, shift=True):
+        """Mul by one random constant per channel, then (``shift``) Add one per channel: how
+        tf2onnx writes a Keras BatchNormalization after a biased layer, shapes (1, C[, 1, 1])."""
+        shape = self.shape()
+        c = (1, shape[0]) + (1,) * (len(shape) - 1)
+        a_name = self._init(self._name("scale"), self.rng.uniform(0.5, 1.5, c) * self.rng.choice([-1, 1], c))
+        self._node("Mul", [self.cur, a_name])
+        self.weights.append(a_name)
+        self.biases.append(None)
+        if shift:
+            b_name = self._init(self._name("shift"), self._bias(c))
+            self._node("Add", [self.cur, b_name])
+            self.biases[-1] = b_name
+
     def join(self, op, other: str):
         """Add or Concat (channels) of the current tensor and ``other``."""
         if op == "Concat":

@@ -262,3 +262,37 @@ def test_postprocessing_tail_argmax_logsoftmax_cast_zipmap():
     net = faithful(m, (4,))
     assert net.logits_name == "z"
     assert {p.split(" ")[0] for p in net.postprocessing} == {"Softmax", "ZipMap", "ArgMax", "Cast", "LogSoftmax"}
+
+
+def test_per_channel_scale_without_shift_and_spatial_sum_without_div_are_refused():
+    """A per-channel Mul after a layer is accepted only with its shift Add (a decomposed
+    BatchNorm, tests/test_oracle_traces.py); a spatial ReduceSum only as a mean (its Div)."""
+    from oracle import _Builder, build
+
+    scale_only = build((4,), [("matmul", dict(out=3)), ("channel_affine", dict(shift=False)),
+                              ("relu", {}), ("gemm", dict(out=2))])
+    with pytest.raises(MinsharpError, match=r'^node "Mul\d+" \(Mul\): a per-channel scale after a '
+                                            r"layer is supported only as a decomposed batch"):
+        convert(scale_only.proto)
+    b = _Builder((1, 4, 4), np.random.default_rng(0))
+    b.conv(out=2)
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    two = numpy_helper.from_array(np.array(2.0), "two")
+    nodes = b.nodes + [
+        helper.make_node("ReduceSum", [b.cur, "axes"], ["s"], name="/sum", keepdims=0),
+        helper.make_node("Div", ["s", "two"], ["m"], name="/div"),
+        helper.make_node("Gemm", ["m", "W"], ["y"], name="/fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE,
+                                                                         ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 3])],
+                              b.inits + [axes, two, numpy_helper.from_array(np.ones((3, 2)), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(MinsharpError, match=r'^node "/sum" \(ReduceSum\): a sum over the 4 spatial '
+                                            r"positions is supported only as a mean \(followed by a "
+                                            r"Div by 4\)"):
+        convert(model)
+    next(t for t in model.graph.initializer if t.name == "two").CopyFrom(
+        numpy_helper.from_array(np.array(4.0), "two"))
+    net = convert(model)
+    assert [type(l).__name__ for l in net.layers] == ["Conv2d", "AvgPool2d", "Reshape", "Dense"]
+    assert net.layers[-2].nodes == ("/div",)

@@ -144,6 +144,14 @@ CASES = {
         ("maxpool", dict(kernel=(2, 3), strides=(3, 2), pads=(1, 0, 0, 2), ceil_mode=1)),
         (FL, {}), (G, dict(out=5, transB=0, alpha=1.5, beta=0.5)), (R, {}),
         (G, dict(out=6, bias=False))], 3, dict(dtype=F32)),
+    # per-channel Mul (+ Add) after a layer: a diagonal layer (tf2onnx's Keras BatchNorm)
+    "dense_channel_scale_shift": ((5,), [
+        (MM, dict(out=6, bias="right")), ("channel_affine", {}), (R, {}),
+        (G, dict(out=4, bias=False)), ("channel_affine", {}), (LR, dict(alpha=0.1)),
+        (G, dict(out=3))], 6, {}),
+    "biased_conv_channel_scale_shift": ((1, 6, 6), [
+        ("conv", dict(out=3)), ("channel_affine", {}), (R, {}), ("maxpool", {}), (FL, {}),
+        (G, dict(out=4))], 5, dict(dtype=F32)),
 }
 
 

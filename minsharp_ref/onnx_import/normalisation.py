@@ -62,12 +62,18 @@ def scale_channels(node, ctx, x: str, index: int) -> bool:
     """Mul by a per-channel constant after a parameterised layer: the scale half of a batch
     normalisation decomposed by the exporter (tf2onnx writes a Keras BatchNormalization
     after a Dense or a biased Conv2D as Mul(x, γ s) then Add(β − γ s μ)). It becomes the
-    per-channel diagonal layer y = a x (+ b, the Add that follows, see elementwise.py): a
-    BatchNorm with μ = 0, σ² = 1, ε = 0 (docs/method.md section 10) whose γ and β are the
-    file's two constants. Returns False when the constant is not per channel."""
+    per-channel diagonal layer y = a x + b (b: the Add that must follow, converted as its
+    bias in elementwise.py): a BatchNorm with μ = 0, σ² = 1, ε = 0 (docs/method.md section
+    10) whose γ and β are the file's two constants. Returns False when the constant is not
+    per channel."""
     c = const(node, ctx, index, "operand")
     if len(ctx.shapes[x]) not in (1, 3) or channel_vector(c, ctx.shapes[x]) is None:
         return False
+    readers = ctx.consumers.get(node.output[0], [])
+    shift = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
+    if shift is None or sum(n in ctx.consts for n in shift.input) != 1:
+        raise fail(node, "a per-channel scale after a layer is supported only as a decomposed "
+                          "batch normalisation, followed by the Add of a per-channel shift")
     name, values, _ = param(node, ctx, index, "scale")
     channels = ctx.shapes[x][0]
     emit(ctx, node, ir.BatchNorm, x, weight_name=name, weight=values.reshape(-1),
