@@ -110,6 +110,12 @@ def _reduce_mean(x, axes=None, keepdims=1, noop_with_empty_axes=0):
     return x.mean(dim=dims, keepdim=bool(keepdims))
 
 
+def _reduce_max(x, axes=None, keepdims=1, noop_with_empty_axes=0):
+    """ReduceMax with axes as attribute (opset < 18) or input (opset 18+)."""
+    dims = tuple(int(a) for a in (axes.tolist() if torch.is_tensor(axes) else axes))
+    return x.amax(dim=dims, keepdim=bool(keepdims))
+
+
 def _squeeze(x, axes=None):
     dims = [int(a) for a in (axes.reshape(-1).tolist() if torch.is_tensor(axes) else axes or [])]
     for d in sorted((d % x.dim() for d in dims), reverse=True):
@@ -133,7 +139,7 @@ OPS = {
     "LeakyRelu": lambda x, alpha=0.01: F.leaky_relu(x, alpha),
     "Flatten": _flatten, "Reshape": _reshape,
     # residual networks and BatchNorm (issue 11)
-    "BatchNormalization": _batchnorm, "ReduceMean": _reduce_mean,
+    "BatchNormalization": _batchnorm, "ReduceMean": _reduce_mean, "ReduceMax": _reduce_max,
     "GlobalAveragePool": lambda x: x.mean(dim=(2, 3), keepdim=True),
     "Concat": lambda *xs, axis: torch.cat(xs, dim=axis), "Identity": lambda x: x,
     # the run-time zero conv biases of the unoptimised dynamo export

@@ -36,7 +36,7 @@ SAMPLES = {
     "lenet_torchscript": 8, "lenet_dynamo": 8,
     "resnet_torchscript": 8, "resnet_dynamo": 8, "resnet_bn_torchscript": 8,
     "resnet_bn_dynamo": 8, "cnn_bn_torchscript": 8, "cnn_bn_dynamo": 8,
-    "densenet_torchscript": 8, "densenet_dynamo": 8,
+    "densenet_torchscript": 8, "densenet_dynamo": 8, "cnn_gmp_dynamo": 16,
 }
 #: Fixtures made by other exporters are checked against their own framework's reference
 #: (fixtures/*_reference.json, tests/test_exporters.py).

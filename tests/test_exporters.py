@@ -203,3 +203,13 @@ def test_a_fixed_batch_size_is_refused_with_the_export_hint():
         'scored in batches of any size: export with a dynamic batch dimension (PyTorch: '
         'input_names=["x"], dynamic_axes={"x": {0: "batch"}}, or dynamo=True with '
         'dynamic_shapes; see docs/exporting.md)']
+
+
+def test_dynamo_writes_adaptive_max_pool_as_reducemax_a_global_max_pool():
+    """``nn.AdaptiveMaxPool2d(1)`` under ``dynamo=True`` is ReduceMax over (2, 3) (the legacy
+    exporter writes MaxPool): imported as a global max pool (traces against torch float64
+    Jacobians in tests/test_crosscheck_torch.py)."""
+    assert "ReduceMax" in ops("cnn_gmp_dynamo") and "MaxPool" not in ops("cnn_gmp_dynamo")
+    net = import_model(FIXTURES / "cnn_gmp_dynamo.onnx").network
+    pool = next(l for l in net.layers if isinstance(l, ir.MaxPool2d))
+    assert pool.geometry.kernel == (22, 22) and net.layers[net.layers.index(pool) + 1].shape == (8,)

@@ -30,11 +30,10 @@ def _elementwise(node, ctx):
         if channel_vector(c, shape) is None:
             raise fail(node, f"adds a constant of shape {c.shape} after a layer with "
                               f"{shape[0]} outputs: not a bias, and not positively homogeneous")
-        source = param(node, ctx, 1 if data_first else 0, "bias")
+        name, bias, _ = param(node, ctx, 1 if data_first else 0, "bias")
         ctx.layers[ctx.layers.index(last)] = dataclasses.replace(
-            last, bias_name=source[0],
-            bias=source[1].reshape(-1) if isinstance(last, ir.BatchNorm) else source[1], output_name=node.output[0],
-            nodes=last.nodes + (node.name or node.output[0],))
+            last, bias_name=name, bias=bias.reshape(-1) if isinstance(last, ir.BatchNorm) else bias,
+            output_name=node.output[0], nodes=last.nodes + (node.name or node.output[0],))
         ctx.shapes[node.output[0]] = shape
         ctx.live = node.output[0]
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from .. import ir
 from ..windows import Geometry
@@ -98,10 +97,11 @@ def _global_pool(node, ctx):
         emit(ctx, node, ir.AvgPool2d, x, geometry=geom)
 
 
-@converter("ReduceMean", "ReduceSum")
-def _reduce_mean(node, ctx):
-    """Mean over the two spatial axes: global average pooling. Of (C, H, W), axes (2, 3):
-    the dynamo exporter writes ``x.mean((2, 3))`` and AdaptiveAvgPool2d(1) so. Of (H, W, C),
+@converter("ReduceMean", "ReduceSum", "ReduceMax")
+def _reduce_spatial(node, ctx):
+    """Mean (or max) over the two spatial axes: global average (max) pooling. Of (C, H, W),
+    axes (2, 3): the dynamo exporter writes ``x.mean((2, 3))`` and AdaptiveAvgPool2d(1)
+    (ReduceMax: AdaptiveMaxPool2d(1), ``x.amax((2, 3))``) so. Of (H, W, C),
     axes (1, 2): jax2onnx writes Flax's ``jnp.mean(x, axis=(1, 2))`` on NHWC so; a Transpose
     to (C, H, W) comes first. keepdims=0 (or NHWC) adds a Reshape to the output shape.
     ReduceSum followed by a Div by the number of summed positions is the same mean (jax2onnx
@@ -114,8 +114,9 @@ def _reduce_mean(node, ctx):
         axes = const(node, ctx, 1, "axes").reshape(-1).tolist()
     axes = None if axes is None or len(shape) != 3 else sorted(int(v) % 4 for v in axes)
     if axes not in ([2, 3], [1, 2]):
-        raise fail(node, f"axes {a.get('axes', axes)} of per-sample shape {shape}: only the mean "
-                          "over the two spatial axes of (C, H, W) or (H, W, C) is supported")
+        raise fail(node, f"axes {a.get('axes', axes)} of per-sample shape {shape}: only the "
+                          "reduction over the two spatial axes of (C, H, W) or (H, W, C) is "
+                          "supported")
     out, keep = node.output[0], a.get("keepdims", 1)
     if node.op_type == "ReduceSum":
         node, out = _sum_then_divide(node, ctx, shape[1] * shape[2] if axes == [2, 3]
@@ -127,7 +128,8 @@ def _reduce_mean(node, ctx):
     else:
         final = None if keep else (shape[0],)
     pooled = out if final is None else f"{out}::pooled"
-    emit(ctx, renamed(node, pooled), ir.AvgPool2d, x, geometry=Geometry(tuple(shape[1:])))
+    pool = ir.MaxPool2d if node.op_type == "ReduceMax" else ir.AvgPool2d
+    emit(ctx, renamed(node, pooled), pool, x, geometry=Geometry(tuple(shape[1:])))
     if final is not None:
         emit(ctx, node, ir.Reshape, pooled, shape=final)
 
