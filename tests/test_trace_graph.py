@@ -81,7 +81,9 @@ def test_fixture_traces_match_float64_numpy_engine(name):
     ref = score(FIXTURES / name, MNIST, provider="numpy", **common)
     fast = score(FIXTURES / name, MNIST, provider="cpu", engine="onnxruntime", **common)
     assert (fast.engine, fast.provider, fast.precision) == ("onnxruntime", "cpu", "float32")
-    assert fast.engine_check["samples"] == 64 and fast.engine_check["max_relative_deviation"] <= 1e-5
+    # certified on its first batch, at most 64 samples
+    assert fast.engine_check["samples"] == min(64, fast.data["batch_size"])
+    assert fast.engine_check["max_relative_deviation"] <= 1e-5
     assert_close(per_tensor(fast), per_tensor(ref), 1e-5)
     assert (fast.folded is None) == (ref.folded is None) == ("bn" not in name)
     if ref.folded is not None:
