@@ -107,6 +107,8 @@ def _(layer: MaxPool2d, ctx, g):
 
     The per-sample routing mask (one-hot arg-max offsets i·kw + j) is formed once and
     broadcast over the R signals; the masked signals are columns, added back by col2im.
+    The arg-max's offset in its window is its flat position in the padded plane less the
+    window's corner, i·d_h·W_p + j·d_w: one value per (i, j), since (kw − 1)·d_w < W_p.
     When the pool's input is a ReLU output or a LeakyReLU output with a slope ≥ 0
     (``Context.fused_activations``), the activation's factor at the arg-max, which has the
     sign of the pool's output, is folded into that mask, and the activation's own rule does
@@ -118,17 +120,14 @@ def _(layer: MaxPool2d, ctx, g):
     hp, wp = geom.padded_hw((h, w))
     kh, kw = geom.kernel
     position = b.node("Mod", [ctx.routes[layer.output_name], b.ints([hp * wp])])  # in the plane
-    row = b.node("Div", [position, b.ints([wp])])
-    col = b.node("Mod", [position, b.ints([wp])])
-    row0 = b.const((np.arange(ho) * geom.stride[0]).reshape(ho, 1), np.int64)
-    col0 = b.const(np.arange(wo) * geom.stride[1], np.int64)
-    i = b.node("Div", [b.node("Sub", [row, row0]), b.ints([geom.dilation[0]])])
-    j = b.node("Div", [b.node("Sub", [col, col0]), b.ints([geom.dilation[1]])])
-    offset = b.node("Add", [b.node("Mul", [i, b.ints([kw])]), j])  # (N, C, Ho, Wo): i·kw + j
+    corner = (np.arange(ho) * geom.stride[0] * wp)[:, None] + np.arange(wo) * geom.stride[1]
+    step = b.node("Sub", [position, b.const(corner, np.int64)])  # (N, C, Ho, Wo): i·d·wp + j·d
+    dh, dw = geom.dilation
+    steps = (np.arange(kh) * dh * wp)[:, None] + np.arange(kw) * dw  # distinct: (kw − 1)·dw < wp
     activation = ctx.fused_activations.get(layer.input_name)
     window = (c, 1, ho * wo)  # per sample, broadcast over the R signals and kh·kw offsets
-    one_hot = b.node("Equal", [b.reshape(offset, (-1, 1) + window),
-                               b.const(np.arange(kh * kw).reshape(kh * kw, 1), np.int64)])
+    one_hot = b.node("Equal", [b.reshape(step, (-1, 1) + window),
+                               b.const(steps.reshape(kh * kw, 1), np.int64)])
     mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)  # (N, 1, C, kh·kw, P)
     if activation is not None:
         factor = activation_factor(activation, ctx, ctx.values[layer.output_name])

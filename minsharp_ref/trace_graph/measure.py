@@ -5,7 +5,8 @@ initializers. The same formulas as ``engine.measure`` / ``engine.measure_diagona
 (docs/method.md, "Dense layers", "Convolutions", "Diagonal entries").
 
 Precision: products are formed in the graph's dtype; in a float32 graph the innermost sum
-(over one row of a product) is float32 and every other sum float64.
+(over one row of a product, or over the positions of one signal map) is float32 and every
+other sum float64.
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def _(layer: Conv2d, ctx, g, diagonal):
     t_w = ctx.scaled(t_w, layer.weight_coef ** 2, F64)
     if layer.bias is None:
         return Measured(t_w, None, d_w, None)
-    rows_summed = ctx.to_double(b.sum(g, [4]))  # (N, R, C_out, Ho): float32 within a row
-    summed = b.sum(rows_summed, [3])  # (N, R, C_out)
+    _, ho, wo = ctx.out_shape(layer)  # Σ over positions, in the graph's dtype: (N, R, C_out)
+    summed = ctx.to_double(b.sum(b.reshape(g, (-1, ctx.signals, layer.out_channels, ho * wo)), [3]))
     per_channel = ctx.scaled(b.sum_squares(summed, [1]), layer.bias_coef ** 2, F64)  # (N, C_out)
     t_b = b.sum(per_channel, [1])
     d_b = b.reshape(b.sum(per_channel, [0]), layer.bias.shape) if diagonal else None
