@@ -191,7 +191,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     folded = folded_view(network)  # BatchNorm: the folded network's columns follow the original ones
     stack = ExitStack()  # exited last: the checks' thread, then the BLAS thread limit
     stack.enter_context(threadpool_limits(1, user_api="blas"))
-    fidelity_job = reference = None  # the onnxruntime engine's checks, on their own thread
+    first_checks = None  # the onnxruntime engine's checks of the first batch, on their own thread
     if engine == "onnxruntime":
         from .trace_graph import check_supported
         from .trace_graph.runner import TraceGraphRunner
@@ -202,18 +202,14 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         xs = iter(xs)
         first = next(xs, None)
         if first is not None:
-            reference = checker.submit(reference_traces, network, first[:ENGINE_CHECK_SAMPLES])
-            if check:
-                fidelity_job = checker.submit(check_fidelity, imported.proto, network,
-                                              first[:FIDELITY_SAMPLES])
-                check = False
+            first_checks = checker.submit(first_batch_checks, imported, first, check)
+            check = False
             xs = chain([first], xs)
         try:
             runner = TraceGraphRunner(network, provider, precision, diagonal)
         except BaseException:
-            for job in (reference, fidelity_job):
-                if job is not None:
-                    job.cancel()
+            if first_checks is not None:
+                first_checks.cancel()
             stack.close()
             raise
         provider_used, precision, workers = runner.provider, runner.precision, runner.workers
@@ -251,14 +247,14 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
 
     def collect(wait: bool):
         """The results of the checks that have finished (with ``wait``, of all of them)."""
-        nonlocal fidelity, engine_check, fidelity_job, checking
-        if fidelity_job is not None and (wait or fidelity_job.done()):
-            fidelity, fidelity_job = fidelity_job.result(), None
+        nonlocal fidelity, engine_check, first_checks, checking
+        if first_checks is not None and (wait or first_checks.done()):
+            fidelity, first_checks = first_checks.result()[0], None
         if checking is not None and (wait or checking.done()):
             engine_check, checking = checking.result(), None
 
     def consume(batch: _Batch):
-        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity_job, fidelity
+        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
             raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
@@ -271,9 +267,9 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             except OrtUnavailable as exc:
                 warnings.append(f"import fidelity not checked: {exc}")
             check = False
-        if (reference is not None and checking is None and engine_check is None  # first batch
+        if (first_checks is not None and checking is None and engine_check is None  # first batch
                 and np.all(np.isfinite(batch.traces))):
-            checking = checker.submit(compare_traces, reference, batch.traces)
+            checking = checker.submit(compare_traces, first_checks, batch.traces)
         collect(wait=False)  # a failed check stops the run as soon as it is known
         if not np.all(np.isfinite(batch.traces)):
             raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
@@ -321,10 +317,29 @@ def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
     return compare_traces(reference_traces(network, x[:ENGINE_CHECK_SAMPLES]), traces)
 
 
-def reference_traces(network: Network, x: np.ndarray) -> np.ndarray:
+def first_batch_checks(imported: ImportedModel, x: np.ndarray,
+                       fidelity: bool) -> tuple[Optional[float], np.ndarray]:
+    """The onnxruntime engine's checks of its first batch ``x``, from one float64 forward
+    of its first samples: with ``fidelity`` the import-fidelity check of its first
+    FIDELITY_SAMPLES samples (else None), and ``reference_traces`` of its first
+    ENGINE_CHECK_SAMPLES samples."""
+    network = imported.network
+    m = max(FIDELITY_SAMPLES, ENGINE_CHECK_SAMPLES)
+    logits, inputs = network.forward(x[:m], keep_inputs=True)
+    diff = None
+    if fidelity:
+        f = FIDELITY_SAMPLES
+        diff = check_fidelity(imported.proto, network, x[:f], ref_logits=logits[:f])
+    e = ENGINE_CHECK_SAMPLES
+    return diff, reference_traces(network, x[:e], (logits[:e], [None if a is None else a[:e]
+                                                                  for a in inputs]))
+
+
+def reference_traces(network: Network, x: np.ndarray, forward=None) -> np.ndarray:
     """The float64 NumPy engine's per-sample traces of ``x``, every column (a BatchNorm
-    network's folded view's included): what ``compare_traces`` checks the fast engine by."""
-    logits, inputs = network.forward(x, keep_inputs=True)
+    network's folded view's included): what ``compare_traces`` checks the fast engine by.
+    ``forward``: the IR's float64 (logits, layer inputs) of ``x``, when already computed."""
+    logits, inputs = network.forward(x, keep_inputs=True) if forward is None else forward
     ref = per_sample_traces(network, inputs, logits)
     folded = folded_view(network)
     if folded is not None:  # BatchNorm: the folded parametrisation's columns are checked too
@@ -336,10 +351,10 @@ def reference_traces(network: Network, x: np.ndarray) -> np.ndarray:
 def compare_traces(reference, traces: np.ndarray) -> dict:
     """The fast engine's certificate: the largest relative deviation of a per-tensor trace
     (mean over the samples of ``reference``, the float64 NumPy engine's per-sample traces,
-    or a future of them; ``traces`` holds the fast engine's for the same samples first),
-    |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose reference trace
-    is 0 counts its absolute deviation relative to the total)."""
-    per_sample = reference.result() if hasattr(reference, "result") else reference
+    or a future of ``first_batch_checks``; ``traces`` holds the fast engine's for the same
+    samples first), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose
+    reference trace is 0 counts its absolute deviation relative to the total)."""
+    per_sample = reference.result()[1] if hasattr(reference, "result") else reference
     m = len(per_sample)
     ref = per_sample.mean(axis=0)
     fast = traces[:m].mean(axis=0)

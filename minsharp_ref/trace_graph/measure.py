@@ -45,17 +45,18 @@ def _(layer: Dense, ctx, g, diagonal):
     """Tr_n(W) = c_W² ‖a‖² Σ_k ‖g_k‖², Tr_n(b) = c_b² Σ_k ‖g_k‖²; diagonal: c_W² Σ_n Σ_k
     (g_k ⊙ g_k)(a ⊙ a)ᵀ and c_b² Σ_n Σ_k g_k ⊙ g_k."""
     b = ctx.b
-    a64 = ctx.to_double(ctx.input_of(layer))
+    a = ctx.input_of(layer)
     if diagonal:
         per_unit = b.sum_squares(ctx.to_double(g), [1], stem="signal_energy")  # (N, out)
         energy = b.sum(per_unit, [1])  # (N,)
     else:  # Σ_k ‖g_k‖²: the sum over units within a signal in the graph's dtype
         energy = b.sum(ctx.to_double(b.sum_squares(g, [2])), [1], stem="signal_energy")
-    a2 = b.sum_squares(a64, [1])
+    a2 = ctx.to_double(b.sum_squares(a, [1]))  # ‖a‖²: one row, in the graph's dtype
     t_w = ctx.scaled(b.node("Mul", [a2, energy]), layer.weight_coef ** 2, F64)
     t_b = None if layer.bias is None else ctx.scaled(energy, layer.bias_coef ** 2, F64)
     if not diagonal:
         return Measured(t_w, t_b)
+    a64 = ctx.to_double(a)
     squares = b.node("Mul", [a64, a64])  # (N, in)
     d_w = b.node("MatMul", [b.node("Transpose", [per_unit], perm=[1, 0]), squares])  # (out, in)
     if layer.weight_transposed:
