@@ -186,6 +186,20 @@ def test_activation_folded_into_maxpool_routing(alpha, pool):
     check_graph_against_oracle(build((2, 8, 8), layers, seed=6, dtype=np.float32), 6, seed=7)
 
 
+@pytest.mark.parametrize("pool", [
+    dict(kernel=(3, 2), strides=(2, 1), dilations=(2, 3), pads=(1, 0, 2, 1), ceil_mode=1),
+    dict(kernel=(2, 3), strides=(1, 2), dilations=(3, 1), pads=(0, 2, 1, 0))])
+def test_dilated_maxpool_routing(pool):
+    """The arg-max's offset in its window read from its flat position in the padded plane
+    (less the window's corner) for dilated, padded, strided and ceil_mode max pools, with
+    and without a ReLU folded into the routing; against the oracle."""
+    for act in ("relu", "leaky"):
+        layers = [("conv", dict(out=3, pads=(1, 1, 1, 1))), (act, {}), ("maxpool", pool),
+                  ("conv", dict(out=2, kernel=(2, 2))), ("relu", {}), ("flatten", {}),
+                  ("gemm", dict(out=4))]
+        check_graph_against_oracle(build((2, 11, 10), layers, seed=8, dtype=np.float32), 6, seed=9)
+
+
 def _drawn(arch, **kw):
     shape, layers, n, seed = arch
     try:
