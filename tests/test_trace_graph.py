@@ -333,6 +333,33 @@ def test_failed_engine_check_exits_2(monkeypatch):
     assert "engine check failed" in r.output and "by 0.001 " in r.output
 
 
+def test_engine_check_scores_the_first_batch(monkeypatch):
+    """The certificate covers the first batch, at most 64 samples (a first batch of 10: 10
+    samples; of 100: 64), and the reference is the float64 NumPy engine's: a drift of the
+    first batch alone fails the run."""
+    from minsharp_ref.trace_graph import runner as runner_module
+
+    imported = import_model(FIXTURES / "smallcnn_torchscript.onnx")
+    with np.load(MNIST) as d:
+        x = (d["x_train"][:120].astype(np.float64) / 255 - 0.5) / 0.5
+    x = x.reshape(-1, 1, 28, 28)
+    for first, want in ((10, 10), (100, 64)):
+        run = traces_over(imported, [x[:first], x[first:]], None, "cpu", engine="onnxruntime")
+        assert run.engine_check["samples"] == want and run.sums.n == 120
+        assert run.engine_check["max_relative_deviation"] <= 1e-5
+    original = runner_module.TraceGraphRunner.__call__
+    calls = []
+
+    def drifting_once(self, x):  # the batch submitted first drifts by 1e-3
+        traces, logits, diagonal = original(self, x)
+        calls.append(len(x))
+        return (traces * (1 + 1e-3) if len(calls) == 1 else traces), logits, diagonal
+
+    monkeypatch.setattr(runner_module.TraceGraphRunner, "__call__", drifting_once)
+    with pytest.raises(MinsharpError, match="engine check failed.* on the first 10 samples"):
+        traces_over(imported, [x[:10], x[10:]], None, "cpu", engine="onnxruntime", threads=1)
+
+
 def _numbers(table: str) -> list[float]:
     rows = [l for l in table.splitlines() if re.match(r"^\d+\s", l)]
     rows += [l for l in table.splitlines() if l.startswith(("naive trace", "minimum sharpness"))]
