@@ -172,7 +172,7 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     most ``threads``), and accumulate the results in float64 in batch order (the result does
     not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
     certified on its first batch (at most ENGINE_CHECK_SAMPLES samples) by the float64
-    NumPy engine (``certify``); its checks run on a thread of their own, started on the
+    NumPy engine (``first_batch_checks``, ``compare_traces``); its checks run on a thread of their own, started on the
     first batch as soon as it is read (beside building the session and the batches), or in
     line when ``threads`` is given.
     ``first_sample``: the index of the first sample in the data set (for error messages)."""
@@ -308,13 +308,6 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
         diag_sums,
         np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
-
-
-def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
-    """The fast engine's certificate on samples ``x`` (at most ENGINE_CHECK_SAMPLES of
-    them are used) and their fast per-sample ``traces``: ``compare_traces`` of
-    ``reference_traces``."""
-    return compare_traces(reference_traces(network, x[:ENGINE_CHECK_SAMPLES]), traces)
 
 
 def first_batch_checks(imported: ImportedModel, x: np.ndarray,

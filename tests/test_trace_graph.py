@@ -188,11 +188,14 @@ def test_activation_folded_into_maxpool_routing(alpha, pool):
 
 @pytest.mark.parametrize("pool", [
     dict(kernel=(3, 2), strides=(2, 1), dilations=(2, 3), pads=(1, 0, 2, 1), ceil_mode=1),
-    dict(kernel=(2, 3), strides=(1, 2), dilations=(3, 1), pads=(0, 2, 1, 0))])
+    dict(kernel=(2, 3), strides=(1, 2), dilations=(3, 1), pads=(0, 2, 1, 0)),
+    dict(kernel=(2, 2), strides=(3, 2), dilations=(2, 1), pads=(1, 1, 0, 1), ceil_mode=1),
+    dict(kernel=(3, 2), strides=(3, 3), pads=(1, 0, 1, 1))])
 def test_dilated_maxpool_routing(pool):
-    """The arg-max's offset in its window read from its flat position in the padded plane
-    (less the window's corner) for dilated, padded, strided and ceil_mode max pools, with
-    and without a ReLU folded into the routing; against the oracle."""
+    """Max pools with overlapping windows (the arg-max's offset in its window read from its
+    flat position in the padded plane less the window's corner, then col2im) and disjoint
+    ones (MaxUnpool on the padded frame), dilated, padded, strided, in ceil_mode, with a
+    ReLU (folded into the routing) or a LeakyReLU before them; against the oracle."""
     for act in ("relu", "leaky"):
         layers = [("conv", dict(out=3, pads=(1, 1, 1, 1))), (act, {}), ("maxpool", pool),
                   ("conv", dict(out=2, kernel=(2, 2))), ("relu", {}), ("flatten", {}),
