@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import time
 from contextlib import ExitStack
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -172,9 +172,9 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     most ``threads``), and accumulate the results in float64 in batch order (the result does
     not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
     certified on its first batch (at most ENGINE_CHECK_SAMPLES samples) by the float64
-    NumPy engine (``first_batch_checks``, ``compare_traces``); its checks run on a thread of their own, started on the
-    first batch as soon as it is read (beside building the session and the batches), or in
-    line when ``threads`` is given.
+    NumPy engine (``first_batch_checks``, ``compare_traces``); its checks run on a thread of
+    their own, started on the first batch as soon as it is read (beside building the session
+    and the batches), or in line when ``threads`` is given.
     ``first_sample``: the index of the first sample in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor

@@ -139,8 +139,10 @@ def _(layer: MaxPool2d, ctx, g):
             g = _mask(ctx, g, factor)
         n = b.node("Shape", [g], start=0, end=1)
         maps = b.node("Mul", [n, b.ints([r])])  # N·R, as a 1-element shape
-        first = b.node("Range", [b.const(0, np.int64), b.node("Squeeze", [maps]), b.const(1, np.int64)])
-        offset = b.reshape(b.node("Mul", [first, b.const(c * hp * wp, np.int64)]), (-1, r, 1, 1, 1))
+        map_index = b.node("Range", [b.const(0, np.int64), b.node("Squeeze", [maps]),
+                                     b.const(1, np.int64)])  # n·R + k
+        offset = b.reshape(b.node("Mul", [map_index, b.const(c * hp * wp, np.int64)]),
+                           (-1, r, 1, 1, 1))
         in_sample = b.node("Mod", [route, b.ints([c * hp * wp])])  # (N, C, Ho, Wo)
         index = b.node("Add", [b.node("Unsqueeze", [in_sample, b.ints([1])]), offset])
         shape = (-1, c, ho, wo)
