@@ -64,6 +64,8 @@ class ScoreResult:
     measures: Optional[dict] = None
     #: the loss whose Hessian was traced: "cross-entropy", "binary" or "mse"
     loss_kind: str = "cross-entropy"
+    #: standard error of ``loss`` over samples (None without labels)
+    loss_stderr: Optional[float] = None
     #: with a Dask client: scheduler, workers, shards, shard_size, seconds (docs/dask.md)
     distributed: Optional[dict] = field(default=None, compare=False)
     #: with ``diagonal=True``: initializer name → exact diag H (mean over samples); not in JSON
@@ -130,6 +132,10 @@ class Summary:
     warnings: list[str]
     classes: list[dict] = field(default_factory=list)
     folded: Optional[dict] = None
+    loss_stderr: Optional[float] = None
+    #: per layer of the scored parametrisation (the folded one with BatchNorm): the traces
+    #: at the minimiser, t_p/α_p² and u_p/c_p² (section 9; they sum to MS); None when dead
+    traces_at_alpha: list[dict] = field(default_factory=list)
 
 
 def _layer_results(network: Network, t, u, alpha) -> list[LayerResult]:
@@ -199,31 +205,29 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Sum
         weights[offset:] = 1.0
         folded_doc = {"layers": scored_layers, "trace": float(mean[offset:].sum()),
                       "trace_stderr": sums.stderr(weights)}
+    at_alpha = [{"weight": None if scales is None else float(t[p] / scales[0][p] ** 2),
+                 "bias": None if scales is None or layer.bias is None
+                 else float(u[p] / scales[1][p] ** 2)}
+                for p, layer in enumerate(scored.param_layers)]
     return Summary(layers, float(mean[:len(cols)].sum()), sums.stderr(original), ms.value,
-                   ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc)
+                   ms_se, solver, loss, acc, warnings, log_scale_names(group, ms), folded_doc,
+                   sums.loss_stderr if has_labels else None, at_alpha)
 
 
-def more_measures(network: Network, layers: list[LayerResult], diagonal: dict) -> dict:
-    """``--measures``: normalised sharpness per layer and the per-layer traces at α*
-    (Proposition 2: t_d/α*_d², u_d/c*_d²; all equal to MS/D without biases)."""
+def more_measures(network: Network, summary: Summary, diagonal: dict) -> dict:
+    """``--measures``: normalised sharpness per parameterised layer (docs/method.md section
+    12; with BatchNorm on the original parametrisation, each γ a diagonal layer) and the
+    per-layer traces at the minimiser of MS (section 9: t_p/α*_p², u_p/c*_p², summing to MS;
+    all equal to MS/D for a chain without biases; with BatchNorm on the folded view)."""
     from .measures import normalised_sharpness
 
     ns = normalised_sharpness(network, diagonal)
-    at_alpha = []
-    c = 1.0
-    for layer in layers:
-        if layer.alpha is None:
-            at_alpha.append({"weight": None, "bias": None})
-            continue
-        c *= layer.alpha
-        at_alpha.append({"weight": layer.trace_weight / layer.alpha ** 2,
-                         "bias": None if layer.trace_bias is None else layer.trace_bias / c ** 2})
     return {
         "normalised_sharpness": {
             "value": sum(n.value for n in ns),
             "layers": [{"value": n.value, "lower_bound": n.lower_bound,
                         "gradient_norm": n.gradient_norm} for n in ns]},
-        "traces_at_alpha": at_alpha,
+        "traces_at_alpha": summary.traces_at_alpha,
     }
 
 
@@ -237,7 +241,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           progress: Optional[Callable[[int], None]] = None,
           on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy",
           client=None, shard_size: Optional[int] = None,
-          scatter_data: bool = False) -> ScoreResult:
+          scatter_data: bool = False,
+          on_phase: Optional[Callable[[str], None]] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
@@ -251,8 +256,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
     (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
     samples on its workers (docs/dask.md); without one, in this process (in one piece, or
-    shard by shard when ``shard_size`` is given). Raises
-    ``MinsharpError`` on bad input.
+    shard by shard when ``shard_size`` is given). ``on_start(samples)`` and
+    ``progress(n)`` report the pass over the data, ``on_phase("solver")`` its end (for a
+    progress display). Raises ``MinsharpError`` on bad input.
     """
     from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
 
@@ -262,8 +268,6 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     imported = with_loss(imported, loss)
     t_import = time.perf_counter() - start
     network = imported.network
-    if measures and (not network.is_chain or network.has_batchnorm):
-        raise MinsharpError("--measures supports chain networks without BatchNorm only")
     dataset = open_dataset(data, split, x_key, y_key, limit)
     dataset.close()
     prep = Preprocessing(mean, std)
@@ -288,6 +292,8 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
 
         runs, distributed = run_shards(client, imported, spec, ranges, options, progress, scatter_data)
     run = merge(runs)
+    if on_phase:
+        on_phase("solver")
     sums = run.sums
     data_info = {"path": str(dataset.path), "x_key": dataset.x_key, "y_key": dataset.y_key,
                  "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
@@ -310,8 +316,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         loss=summary.loss, accuracy=summary.accuracy, postprocessing=network.postprocessing,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
-        measures=more_measures(network, summary.layers, run.diagonal) if measures else None,
-        loss_kind=network.loss, diagonal=run.diagonal, per_sample=per_sample_dict,
+        measures=more_measures(network, summary, run.diagonal) if measures else None,
+        loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal,
+        per_sample=per_sample_dict,
         classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)
     return result
 

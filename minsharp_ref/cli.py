@@ -154,17 +154,22 @@ def score(
             from .distributed import connect
 
             cluster = connect(dask)
-        with cluster as client, Phases(enabled=not quiet) as phases:
-            phases.start("import")
-            on_start, progress = phases.samples()
-            result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                               batch_size=batch_size, provider=provider,
-                               memory_budget=parse_bytes(memory_budget), precision=precision,
-                               diagonal=diag_path is not None, per_sample=per_sample_path is not None,
-                               measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                               loss=loss, progress=progress, on_start=on_start, engine=engine,
-                               client=client, shard_size=shard_size, scatter_data=scatter_data)
+        with Phases(enabled=not quiet) as phases:
+            if dask is not None:
+                phases.start("dask")  # connecting, or starting local:N's workers
+            with cluster as client:
+                phases.start("import")
+                on_start, progress = phases.samples("scoring" if dask is None else "shards")
+                result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
+                                   mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
+                                   batch_size=batch_size, provider=provider,
+                                   memory_budget=parse_bytes(memory_budget), precision=precision,
+                                   diagonal=diag_path is not None, per_sample=per_sample_path is not None,
+                                   measures=measures, input_shape=_ints(input_shape, "--input-shape"),
+                                   loss=loss, progress=progress, on_start=on_start, engine=engine,
+                                   client=client, shard_size=shard_size, scatter_data=scatter_data,
+                                   on_phase=phases.maybe_slow)
+                phases.done()
         doc = json_safe(G.with_gates(result.to_dict(), baseline, base_doc, base_sha, thresholds,
                                      sigma, max_sharpness))
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
@@ -220,7 +225,7 @@ def parse_bytes(text: str) -> int:
 def rescale(
     model: Path = typer.Argument(..., help="ONNX model file."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the rescaled model."),
-    alpha: Optional[str] = typer.Option(None, help="α per parameterised layer, comma-separated (product 1)."),
+    alpha: Optional[str] = typer.Option(None, help="α per parameterised layer, comma-separated (product 1); networks with branches or BatchNorm: tensor=α per free class (or one α per class, in the score report's order)."),
     normalize: bool = typer.Option(False, help="Divide --alpha by its geometric mean."),
     random: bool = typer.Option(False, "--random", help="Draw α log-uniformly (see --spread, --seed)."),
     neurons: bool = typer.Option(False, "--neurons", help="Neuron-wise rescaling with random γ per unit/channel."),
@@ -236,7 +241,7 @@ def rescale(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
     """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
-    networks with branches or BatchNorm: --random over the group of docs/method.md section 9).
+    networks with branches or BatchNorm: --random or --alpha per class over the group of docs/method.md section 9).
 
     Both models run in onnxruntime on the same batch; nothing is written unless their logits
     agree to float32 tolerance."""
@@ -247,10 +252,10 @@ def rescale(
         from .onnx_import import import_model
         import math
 
-        from .group import rescaling_group
+        from .group import folded_view, rescaling_group
         from .report import Output
-        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, group_parameters,
-                              logits_agree, neuron_parameters, random_alpha, random_log_scales,
+        from .rescale import (alpha_parameters, apply_to_proto, check_alpha, class_log_scales,
+                              group_parameters, logits_agree, neuron_parameters, random_alpha, random_log_scales,
                               uses_group)
         from .runtime import FIDELITY_RTOL, OrtForward
 
@@ -264,11 +269,12 @@ def rescale(
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
         if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
-            if not random:
-                raise MinsharpError("this network has branches or BatchNorm: only --random "
-                                    "applies (one random scale per class of tied tensors)")
+            if neurons or normalize:
+                raise MinsharpError("this network has branches or BatchNorm: --random, or "
+                                    "--alpha with one scale per class of tied tensors")
             group = rescaling_group(network)
-            ell = random_log_scales(group, rng, spread)
+            ell = random_log_scales(group, rng, spread) if random else class_log_scales(
+                group, alpha, rescaling_group(folded_view(network) or network).names)
             params = group_parameters(network, ell, group)
             what = "scale per class " + ", ".join(
                 f"{name}={math.exp(v):.6g}" for name, v in zip(group.names, ell))
@@ -326,13 +332,15 @@ def invariance(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
+    y_key: Optional[str] = typer.Option(None, "--y-key", help="Key of the labels (found as score finds them): not used by the traces, only checked against the loss, as score checks them."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
     hypothesis, while the naive trace does. Exit 1 when it moves by more than --rtol."""
 
     def body() -> int:
-        from .api import DEFAULT_MEMORY_BUDGET, batch_size_for
-        from .data import Preprocessing, load_batches
+        from .api import DEFAULT_MEMORY_BUDGET, batch_size_for, with_loss
+        from .data import Preprocessing, check_labels_against_loss, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
         from .report import Output, invariance_blocks
@@ -345,19 +353,25 @@ def invariance(
             check_output_dir(json_path)
         with Phases(enabled=not quiet) as phases:
             phases.start("import")
-            imported = import_model(model, _ints(input_shape, "--input-shape"))
+            imported = with_loss(import_model(model, _ints(input_shape, "--input-shape")), loss)
             network = imported.network
             prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
             bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
+            labels = check_labels_against_loss(data, split, x_key, y_key, limit,
+                                               network.num_classes, network.loss)
             # held in memory: every trial re-scores the same batches
             xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
+            info["y_key"] = labels
             phases.start("trials", trials, "trials")
             result = check_invariance(imported, xs, provider=provider, trials=trials, seed=seed,
                                       spread=spread, rtol=rtol, data_info=info,
                                       on_trial=lambda _: phases.advance())
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-        Output(quiet).report(invariance_blocks(result, info["samples"]))
+        output = Output(quiet)
+        output.report(invariance_blocks(result, info["samples"]))
+        for w in result.warnings:
+            output.warning(w)
         return 0 if result.passed else 1
 
     run_guarded(debug, body)
@@ -383,6 +397,7 @@ def verify(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
 ):
     """Compare another framework's traces (and diagonals) with ours. Exit 0 all pass, 1 any
     fail, 2 input error."""
@@ -406,8 +421,8 @@ def verify(
                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
                                batch_size=batch_size, provider=provider,
                                diagonal=theirs_diag is not None,
-                               input_shape=_ints(input_shape, "--input-shape"),
-                               progress=progress, on_start=on_start)
+                               input_shape=_ints(input_shape, "--input-shape"), loss=loss,
+                               progress=progress, on_start=on_start, on_phase=phases.maybe_slow)
         notes = data_mismatches(result, theirs)
         rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
         failed = [r for r in rows if r.status in ("FAIL", "UNKNOWN")]
@@ -415,14 +430,19 @@ def verify(
         summary = (f"{'FAIL' if failed else 'PASS'}: {len(rows) - len(failed) - len(missing)} "
                    f"passed, {len(failed)} failed, {len(missing)} not provided by theirs "
                    f"({result.data['samples']} samples, {result.provider})")
-        Output(quiet).report(verify_blocks(notes, table_rows(rows), summary))
+        output = Output(quiet)
+        output.report(verify_blocks(notes, table_rows(rows), summary))
+        for w in result.warnings:
+            output.warning(w)
         if json_path is not None:
             from .api import json_safe
 
             doc = {"schema": VERIFY_SCHEMA, "minsharp_ref_version": __version__,
-                   "model": result.model, "data": result.data, "expected": str(expected),
+                   "model": result.model, "data": result.data, "loss_kind": result.loss_kind,
+                   "expected": str(expected),
                    "data_mismatches": notes, "rtol": rtols, "atol": atols,
-                   "rows": [r.__dict__ for r in rows], "passed": not failed}
+                   "rows": [r.__dict__ for r in rows], "passed": not failed,
+                   "warnings": list(result.warnings)}
             write_atomically(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         return 1 if failed else 0
 

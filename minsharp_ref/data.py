@@ -308,6 +308,19 @@ def check_labels(dataset: Dataset, outputs: int, loss: str, y: Optional[np.ndarr
                             f"first {int(y[bad[0]])} at sample {start + int(bad[0])}{hint}")
 
 
+def check_labels_against_loss(path, split: str, x_key: Optional[str], y_key: Optional[str],
+                              limit: Optional[int], outputs: int, loss: str) -> Optional[str]:
+    """For commands that score without labels (``invariance``): refuse the labels that
+    ``score`` would refuse with the same options (``check_labels``: the key found as
+    ``open_dataset`` finds it, or ``y_key``). Returns the labels' key, None without."""
+    dataset = open_dataset(path, split, x_key, y_key, limit)
+    try:
+        check_labels(dataset, outputs, loss, dataset.labels())
+        return dataset.y_key
+    finally:
+        dataset.close()
+
+
 def load_batches(path, input_shape: tuple[int, ...], prep: Preprocessing, batch_size: int,
                  split: str = "train", x_key: Optional[str] = None,
                  limit: Optional[int] = None) -> tuple[list[np.ndarray], dict]:

@@ -445,16 +445,23 @@ def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
     results: list[np.ndarray] = []
     diagonals: dict[str, np.ndarray] = {}
     for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype):
-        if diagonal:
-            t_w, t_b, d_w, d_b = measure_diagonal(layer, g, a)
-            diagonals[layer.weight_name] = d_w
-            if d_b is not None:
-                diagonals[layer.bias_name] = d_b
-        else:
-            t_w, t_b = measure(layer, g, a)
+        t_w, t_b = measure_into(layer, g, a, diagonals if diagonal else None)
         results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
     traces = np.stack(results[::-1], axis=1).astype(np.float64)
     return (traces, diagonals) if diagonal else traces
+
+
+def measure_into(layer: LayerBase, g: np.ndarray, a: np.ndarray,
+                 diagonals: Optional[dict] = None):
+    """``measure``; with a ``diagonals`` dict, ``measure_diagonal``, storing the layer's
+    diagonal batch sums in it by initializer name. Returns (t_w, t_b)."""
+    if diagonals is None:
+        return measure(layer, g, a)
+    t_w, t_b, d_w, d_b = measure_diagonal(layer, g, a)
+    diagonals[layer.weight_name] = d_w
+    if d_b is not None:
+        diagonals[layer.bias_name] = d_b
+    return t_w, t_b
 
 
 def conv_measure_elements(layer: Conv2d, in_shape: tuple[int, ...], k: int) -> tuple[int, int]:

@@ -8,7 +8,9 @@ a = 0.10·|b|; ``3``: a = 3) fails when v > b + a (for accuracy, which gates a d
 v < b − a). With ``--sigma K`` it fails only when, in addition, the worsening exceeds K
 standard errors of the difference, s = √(s_v² + s_b²) (the two reports' standard errors
 over samples, treated as independent). A change with |v − b| ≤ K·s (K = 2 without
-``--sigma``) is reported as within noise.
+``--sigma``) is reported as within noise. Where a report has no standard error for the
+quantity (a report written before ``loss_stderr`` existed, a single sample), s is unknown:
+the verdict says so and ``--sigma`` does not apply (the plain comparison decides).
 """
 
 from __future__ import annotations
@@ -148,13 +150,14 @@ def mismatches(doc: dict, baseline: dict) -> list[str]:
 
 
 def stderr_of(doc: dict, quantity: str) -> Optional[float]:
-    """Standard error over samples: recorded for minimum sharpness and the naive trace;
-    binomial √(p(1−p)/n) for accuracy; none for the loss."""
+    """Standard error over samples: recorded for minimum sharpness, the naive trace and the
+    loss (``*_stderr``; older reports have none for the loss); binomial √(p(1−p)/n) for
+    accuracy. None when unknown."""
     if quantity == "accuracy":
         p, n = doc.get("accuracy"), doc["data"].get("samples")
         return None if p is None or not n else math.sqrt(p * (1 - p) / n)
     se = doc.get(f"{quantity}_stderr")
-    return se if se is not None and math.isfinite(se) else None
+    return se if isinstance(se, (int, float)) and math.isfinite(se) else None
 
 
 def changes(doc: dict, baseline: dict, sigma: Optional[float] = None) -> list[dict]:
@@ -170,11 +173,13 @@ def changes(doc: dict, baseline: dict, sigma: Optional[float] = None) -> list[di
         se = None if se_now is None or se_base is None else math.hypot(se_now, se_base)
         z = (value - base) / se if se else None
         k = NOISE_SIGMA if sigma is None else sigma
+        missing = [name for name, s in (("baseline", se_base), ("this run", se_now)) if s is None]
         out.append({"quantity": quantity, "label": label, "value": value, "baseline": base,
                     "change": value - base,
                     "relative_change": (value - base) / abs(base) if base else None,
                     "stderr_difference": se, "z": z,
-                    "within_noise": None if se is None else abs(value - base) <= k * se})
+                    "within_noise": None if se is None else abs(value - base) <= k * se,
+                    "stderr_missing": missing})
     return out
 
 
@@ -197,16 +202,22 @@ def evaluate(compared: list[dict], thresholds: dict[str, Threshold],
         sign = "+" if direction > 0 else "-"
         rule = f"{'≤' if direction > 0 else '≥'} baseline {sign} {threshold.text}" \
             + ("" if sigma is None else f" and beyond {sigma:g} s.e.")
+        note = None
+        if sigma is not None and se is None:  # e.g. a baseline written before loss_stderr
+            whose = " and ".join(c.get("stderr_missing") or ["a report"])
+            note = (f"no standard error of the {label} in {whose}: --sigma {sigma:g} not "
+                    "applied, plain comparison")
         message = None
         if not passed:
             message = (f"{label} {value:.6g} {'>' if direction > 0 else '<'} {limit:.6g} (baseline "
                        f"{base:.6g} {sign} {threshold.text})")
             if sigma is not None:
                 message += (f", {z:+.1f} s.e. of the difference (--sigma {sigma:g})" if z is not None
-                            else f"; no standard error for {label}, so --sigma cannot discount it")
+                            else f"; {note}")
         verdicts.append({"quantity": quantity, "label": label, "value": value, "baseline": base,
                          "threshold": threshold.text, "limit": limit, "sigma": sigma, "rule": rule,
-                         "exceeded": exceeded, "passed": passed, "message": message})
+                         "exceeded": exceeded, "passed": passed, "message": message,
+                         "note": note})
     return verdicts
 
 
@@ -217,7 +228,8 @@ def max_sharpness_gate(doc: dict, limit: float) -> dict:
     return {"quantity": "minimum_sharpness", "label": "minimum sharpness", "value": value,
             "baseline": None, "threshold": f"{limit:g}", "limit": limit, "sigma": None,
             "rule": f"≤ {limit:g} (--max-sharpness)", "exceeded": not passed, "passed": passed,
-            "message": None if passed else f"minimum sharpness {value:.6g} > --max-sharpness {limit:g}"}
+            "message": None if passed else f"minimum sharpness {value:.6g} > --max-sharpness {limit:g}",
+            "note": None}
 
 
 def with_gates(doc: dict, path, baseline: Optional[dict], digest: Optional[str],

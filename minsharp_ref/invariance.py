@@ -40,6 +40,10 @@ class InvarianceResult:
     base_minimum_sharpness: float
     trials: list[Trial] = field(default_factory=list)
     falsifying_alpha: Optional[tuple[float, ...]] = None
+    #: the loss whose Hessian is traced: "cross-entropy", "binary" or "mse"
+    loss_kind: str = "cross-entropy"
+    #: the unscaled model's scoring warnings, in ``score``'s words
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def max_deviation(self) -> float:
@@ -67,18 +71,20 @@ class InvarianceResult:
         return json_safe({
             "schema": INVARIANCE_SCHEMA, "minsharp_ref_version": __version__,
             "model": self.model, "data": self.data, "provider": self.provider,
+            "loss_kind": self.loss_kind,
             "rtol": self.rtol, "seed": self.seed, "spread_decades": self.spread,
             "base": {"trace": self.base_trace, "minimum_sharpness": self.base_minimum_sharpness},
             "trials": [dataclasses.asdict(t) for t in self.trials],
             "max_deviation": self.max_deviation, "trace_ratio": self.trace_ratio,
             "falsifying_alpha": self.falsifying_alpha, "passed": self.passed,
+            "warnings": self.warnings,
         })
 
 
 def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, check: bool):
     run = traces_over(imported, iter(batches), None, provider, check=check)
     summary = summarise(imported, run.sums, False)
-    return summary.trace, summary.minimum_sharpness, run.provider
+    return summary.trace, summary.minimum_sharpness, run.provider, run.warnings + summary.warnings
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
@@ -98,24 +104,52 @@ def group_rescaled_model(imported: ImportedModel, scales: np.ndarray,
     return ImportedModel(imported.path, "", proto, imported.network.with_parameters(params))
 
 
+#: Bits of a drawn log10 α's magnitude.
+MAGNITUDE_BITS = 32
+
+
+def log10_alpha_strategy(half: float):
+    """One log10 α (or log10 e^ℓ) in [−half, half], drawn from booleans only.
+
+    A sign bit and a 32-bit magnitude u ∈ [0, 1], mapped monotonically: u < 0.1 gives
+    ±1e-9 (α next to 1), u ≥ 0.9 gives ±half (the extremes), in between ±half·(u − 0.1)/0.8
+    (uniform). Built from booleans, not ``st.floats``/``st.integers``: Hypothesis mixes
+    constants mined from the source of every module imported from outside site-packages
+    (an editable install, the caller's script) into number draws, so ``--seed`` would give
+    different α depending on what the process had imported; boolean draws depend on the
+    seed alone. The map is monotone in u, so shrinking (bits towards False) walks a failing
+    draw towards α = 1 continuously.
+    """
+    from hypothesis import strategies as st
+
+    top = 2.0 ** MAGNITUDE_BITS - 1
+
+    def value(bits: tuple[bool, ...]) -> float:
+        u = int("".join("1" if b else "0" for b in bits[1:]), 2) / top
+        magnitude = 1e-9 if u < 0.1 else half if u >= 0.9 else half * (u - 0.1) / 0.8
+        return -magnitude if bits[0] else magnitude
+
+    return st.tuples(*[st.booleans()] * (1 + MAGNITUDE_BITS)).map(value)
+
+
 def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, provider: str,
                      trials: int, seed: int, spread: float, rtol: Optional[float],
                      data_info: dict, on_trial: Optional[Callable[[Trial], None]] = None,
                      transform: Callable = rescaled_model) -> InvarianceResult:
     """Draw α with hypothesis (log-uniform over ``spread`` decades, plus the extremes and
-    values next to 1), re-score, and let hypothesis shrink any α whose minimum sharpness
+    values next to 1: ``log10_alpha_strategy``), re-score, and let hypothesis shrink any α whose minimum sharpness
     deviates by more than rtol to a minimal failing one. DAG and BatchNorm networks draw
     e^ℓ per free class of the rescaling group instead (``Trial.alpha`` holds them)."""
     from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
 
-    base_trace, base_ms, used = _score(imported, batches, provider, check=True)
+    base_trace, base_ms, used, warnings = _score(imported, batches, provider, check=True)
     tol = DEFAULT_RTOL.get(used, 1e-4) if rtol is None else rtol
     result = InvarianceResult(
         model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
         provider=used, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
-        base_minimum_sharpness=base_ms)
+        base_minimum_sharpness=base_ms, loss_kind=imported.network.loss, warnings=warnings)
     grouped = uses_group(imported.network)
     if grouped:
         from .group import rescaling_group
@@ -125,9 +159,7 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
             transform = group_rescaled_model
     else:
         d = len(imported.network.param_layers)
-    half = spread / 2
-    exponent = st.one_of(st.floats(-half, half, allow_nan=False),
-                         st.sampled_from([-half, half, 0.0, 1e-9, -1e-9]))
+    exponent = log10_alpha_strategy(spread / 2)
     failing: list = []
     seen: set = set()
 
@@ -135,7 +167,7 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
     @settings(max_examples=trials, database=None, deadline=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
               report_multiple_bugs=False, verbosity=Verbosity.quiet)
-    @given(st.lists(exponent, min_size=d, max_size=d))
+    @given(st.tuples(*[exponent] * d))
     def draw(log10_alpha):
         log10 = np.asarray(log10_alpha, dtype=np.float64)
         if not grouped:  # Π α = 1
@@ -144,7 +176,7 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
         key = tuple(np.round(log10, 12))
         assume(failing or key not in seen)  # distinct draws only (the shrink phase may repeat)
         seen.add(key)
-        trace, ms, _ = _score(transform(imported, alpha, provider), batches, provider, check=False)
+        trace, ms, _, _ = _score(transform(imported, alpha, provider), batches, provider, check=False)
         deviation = abs(ms - base_ms) / base_ms if base_ms > 0 else abs(ms)
         trial = Trial(tuple(alpha.tolist()), trace, ms, deviation)
         if not failing:

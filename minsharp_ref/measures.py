@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import Dense, Network
+from .ir import BatchNorm, Dense, Network
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,15 @@ def normalised_sharpness_layer(h: np.ndarray, w2: np.ndarray) -> NormalisedSharp
 
 
 def normalised_sharpness(network: Network, diagonal: dict[str, np.ndarray]) -> list[NormalisedSharpness]:
-    """NS_d for every parameterised layer, from the exact diagonal keyed by initializer name."""
+    """NS_d for every parameterised layer, from the exact diagonal keyed by initializer name.
+    A BatchNorm's γ is a diagonal weight matrix: each entry has its own product a_i b_i, so
+    its NS_d is the AM-GM bound Σ_i 2|γ_i|√h_i, attained (docs/method.md section 12)."""
     out = []
     for layer in network.param_layers:
+        if isinstance(layer, BatchNorm):
+            bound = float(2 * np.sum(np.abs(layer.weight) * np.sqrt(diagonal[layer.weight_name])))
+            out.append(NormalisedSharpness(bound, bound, 0.0))
+            continue
         h = _as_matrix(layer, diagonal[layer.weight_name])  # both w.r.t. the stored weight
         w2 = _as_matrix(layer, layer.weight.astype(np.float64) ** 2)
         out.append(normalised_sharpness_layer(h, w2))

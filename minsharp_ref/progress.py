@@ -3,9 +3,11 @@ terminal with colours allowed; nothing at all otherwise (CI logs, pipes, ``--qui
 ``NO_COLOR``, ``TERM=dumb``).
 
 A command opens one ``Phases`` display and adds one bar per phase that takes time: an
-indeterminate one (``total=None``: reading the model and the data) or a counted one
-(samples, trials, shards) that shows done/total, the rate, the elapsed and the remaining
-time, and stays on screen at its final count when done.
+indeterminate one (``total=None``: starting a Dask cluster, reading the model and the
+data, the solver) or a counted one (samples, trials) that shows done/total, the rate, the
+elapsed and the remaining time, and stays on screen at its final count when done. A phase
+started with ``keep_after`` stays on screen only if it took at least that many seconds
+(the solver: shown while it runs, kept only when it was slow).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def interactive(stream: IO) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb" \
         and not os.environ.get("NO_COLOR")
+
+
+#: seconds after which a ``maybe_slow`` phase keeps its line on screen
+SLOW_PHASE = 1.0
 
 
 class _Count(ProgressColumn):
@@ -79,6 +85,7 @@ class Phases:
             console=console, transient=False,
             redirect_stdout=False, redirect_stderr=False) if enabled and console else None
         self._task: Optional[TaskID] = None
+        self._keep_after: Optional[float] = None
 
     def __enter__(self) -> "Phases":
         if self._progress is not None:
@@ -91,10 +98,18 @@ class Phases:
                 self.done()
             self._progress.stop()
 
-    def start(self, description: str, total: Optional[int] = None, unit: str = "") -> None:
+    def start(self, description: str, total: Optional[int] = None, unit: str = "",
+              keep_after: Optional[float] = None) -> None:
+        """Complete the current phase and start the next one (``keep_after``: see above)."""
         self.done()
         if self._progress is not None:
             self._task = self._progress.add_task(description, total=total, unit=unit)
+            self._keep_after = keep_after
+
+    def maybe_slow(self, description: str) -> None:
+        """Start an indeterminate phase that stays on screen only if it takes SLOW_PHASE
+        seconds or more (``api.score``'s ``on_phase``: the solver)."""
+        self.start(description, keep_after=SLOW_PHASE)
 
     def advance(self, n: int = 1) -> None:
         if self._progress is not None and self._task is not None:
@@ -106,9 +121,13 @@ class Phases:
         if self._progress is None or self._task is None:
             return
         task = next(t for t in self._progress.tasks if t.id == self._task)
-        total = task.completed if task.total is not None else 1
-        self._progress.update(self._task, total=total, completed=total, refresh=True)
-        self._progress.stop_task(self._task)
+        if self._keep_after is not None and (task.elapsed or 0.0) < self._keep_after:
+            self._progress.remove_task(self._task)  # fast: not worth a line on screen
+            self._progress.refresh()
+        else:
+            total = task.completed if task.total is not None else 1
+            self._progress.update(self._task, total=total, completed=total, refresh=True)
+            self._progress.stop_task(self._task)
         self._task = None
 
     def samples(self, description: str = "scoring"):

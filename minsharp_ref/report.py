@@ -239,7 +239,9 @@ def score_blocks(doc: dict) -> list[Block]:
         blocks += [f"alpha* per free class ({len(doc['classes'])} classes of tied tensors, each "
                    "named by its first tensor):", class_table(doc["classes"])]
     if doc.get("loss") is not None:
-        blocks.append(f"loss {doc['loss']:.6g}   accuracy {fmt_quantity('accuracy', doc['accuracy'])}")
+        se = doc.get("loss_stderr")
+        blocks.append(f"loss {doc['loss']:.6g}" + ("" if se is None else f" (± {se:.2g} s.e.)")
+                      + f"   accuracy {fmt_quantity('accuracy', doc['accuracy'])}")
     t = doc.get("timings") or {}
     if "total_s" in t:
         blocks.append(f"samples {d['samples']}   seconds {t['total_s']:.3f} (summed over the "
@@ -250,7 +252,7 @@ def score_blocks(doc: dict) -> list[Block]:
         ns = m["normalised_sharpness"]
         blocks.append(f"normalised sharpness {ns['value']:.8g}  (per layer: "
                       + ", ".join(f"{l['value']:.4g}" for l in ns["layers"]) + ")")
-        blocks.append("traces at alpha*     " + ", ".join(
+        blocks.append("traces at alpha*" + (" (folded)" if doc.get("folded") else "") + "     " + ", ".join(
             f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
             for l in m["traces_at_alpha"] if l["weight"] is not None))
     base = doc.get("baseline")
@@ -259,6 +261,7 @@ def score_blocks(doc: dict) -> list[Block]:
                        f"{str(base.get('model_sha256'))[:12]})", comparison_table(base["changes"])]
     if doc.get("gates"):
         blocks += ["", gate_table(doc["gates"])]
+        blocks += [f"note: {g['note']}" for g in doc["gates"] if g.get("note")]
     return blocks
 
 
@@ -282,9 +285,9 @@ def comparison_table(changes: list[dict]) -> Table:
 
 
 def _verdict(g: dict) -> str:
-    if not g["passed"]:
-        return "FAIL"
-    return "PASS (within noise)" if g.get("exceeded") else "PASS"
+    """PASS, FAIL or PASS (within noise); "(no s.e.)" where --sigma could not apply."""
+    verdict = "FAIL" if not g["passed"] else "PASS (within noise)" if g.get("exceeded") else "PASS"
+    return verdict + (" (no s.e.)" if g.get("note") else "")
 
 
 def gate_table(gates: list[dict]) -> Table:
@@ -302,14 +305,16 @@ def score_markdown(doc: dict) -> str:
     prep = "; ".join(d.get("preprocessing", [])) or "no preprocessing"
     keys = ", ".join(k for k in (d.get("x_key"), d.get("y_key")) if k)
     lines.append(f"Data `{d['path']}` [{keys}], {d['samples']} samples; {prep}. Forward: "
-                 f"{doc.get('provider')}. Model sha256 `{doc['model'].get('sha256', '')[:12]}`."
+                 f"{doc.get('provider')}. Loss: {doc.get('loss_kind', 'cross-entropy')}. "
+                 f"Model sha256 `{doc['model'].get('sha256', '')[:12]}`."
                  + (f" E{engine_line(doc)[1:]}." if doc.get("engine_check") else ""))
     lines.append("")
     ms_se, trace_se = doc.get("minimum_sharpness_stderr"), doc.get("trace_stderr")
     values = {"minimum_sharpness": f"{doc['minimum_sharpness']:.6g} ± {_stderr(ms_se)}",
               "trace": f"{doc['trace']:.6g} ± {_stderr(trace_se)}"}
     if doc.get("loss") is not None:
-        values.update(loss=f"{doc['loss']:.6g}", accuracy=fmt_quantity("accuracy", doc["accuracy"]))
+        values.update(loss=f"{doc['loss']:.6g} ± {_stderr(doc.get('loss_stderr'))}",
+                      accuracy=fmt_quantity("accuracy", doc["accuracy"]))
     labels = {q: label for q, (label, _) in QUANTITIES.items()}
     base = doc.get("baseline")
     if base:
@@ -333,6 +338,8 @@ def score_markdown(doc: dict) -> str:
         lines += ["", "**Gates**", ""]
         lines += markdown_table(Table(["", "gate", "rule", "now", "limit", "verdict"], rows,
                                       frozenset({3, 4})))
+        for g in doc["gates"]:
+            lines += ["", f"Note: {g['note']}."] if g.get("note") else []
     for w in doc.get("warnings", []):
         lines += ["", f"> ⚠️ warning: {w}"]
     return "\n".join(lines)
@@ -354,7 +361,8 @@ def invariance_blocks(result, samples: int) -> list[Block]:
         Table(["trial", "naive Tr H", "min. sharpness", "rel. dev.", "alpha"], rows,
               frozenset({0, 1, 2, 3})),
         f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
-        f"{result.base_minimum_sharpness:.15g} ({result.provider}, {samples} samples)"]
+        f"{result.base_minimum_sharpness:.15g} ({result.provider}, {samples} samples, "
+        f"{result.loss_kind} loss)"]
     if result.falsifying_alpha is not None:
         blocks.append("minimal failing alpha (shrunk by hypothesis): "
                       + ",".join(f"{a:.6g}" for a in result.falsifying_alpha))

@@ -72,6 +72,53 @@ def random_log_scales(group: Group, rng: np.random.Generator, spread: float) -> 
     return np.log(10.0) * rng.uniform(-spread / 2, spread / 2, size=group.size)
 
 
+def class_log_scales(group: Group, text: str, reported: Sequence[str] = ()) -> np.ndarray:
+    """ℓ per free class of ``group`` from ``rescale --alpha`` on a network with branches or
+    BatchNorm (docs/method.md section 9): either ``tensor=α,...`` pairs, each naming any
+    tensor of a free class (classes not named keep α = 1), or exactly one α per class of
+    the score report's class table, in its order (``reported``: the names of those classes,
+    by default ``group.names``; with BatchNorm the report's classes are the folded network's,
+    each of which is a class of the original network minus the conv-BN tensors, which keep
+    α = 1). Here α = e^ℓ is a class's scale (the scale c of a bias added in it), as the
+    report gives α* per class; there is no product constraint (the input's and the logits'
+    classes are fixed)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    ell = np.zeros(group.size)
+    reported = tuple(reported) or group.names
+    if not items:
+        raise MinsharpError("--alpha is empty")
+    if all("=" not in t for t in items):
+        if len(items) != len(reported):
+            raise MinsharpError(f"--alpha needs {len(reported)} values (one per free class of "
+                                f"tied tensors, in the order of the score report) or "
+                                f"tensor=value pairs, got {len(items)}")
+        pairs = list(zip(reported, items))
+    elif all("=" in t for t in items):
+        pairs = [tuple(t.rsplit("=", 1)) for t in items]
+    else:
+        raise MinsharpError("--alpha: give either plain values or tensor=value pairs, not both")
+    where = {name: j for j, members in enumerate(group.members) for name in members}
+    seen: dict[int, str] = {}
+    for name, value in pairs:
+        name = name.strip()
+        try:
+            a = float(value)
+        except ValueError:
+            raise MinsharpError(f"--alpha: {value.strip()!r} for {name!r} is not a number") from None
+        if not math.isfinite(a) or a <= 0:
+            raise MinsharpError(f"--alpha values must be positive and finite, got {a:g} for {name!r}")
+        if name not in where:
+            raise MinsharpError(f"--alpha: tensor {name!r} is in no free class (the free classes "
+                                f"are named {', '.join(group.names)}; the input's and the "
+                                "logits' classes are fixed)")
+        j = where[name]
+        if j in seen:
+            raise MinsharpError(f"--alpha: {seen[j]!r} and {name!r} are in the same class")
+        seen[j] = name
+        ell[j] = math.log(a)
+    return ell
+
+
 def group_parameters(network: Network, ell: np.ndarray,
                      group: Optional[Group] = None) -> dict[str, np.ndarray]:
     """docs/method.md section 9 on the stored initializers: for a layer from tensor ``in`` to

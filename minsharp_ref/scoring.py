@@ -16,6 +16,7 @@ import numpy as np
 
 from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
+from .folded_traces import traces_with_folded
 from .group import folded_inputs, folded_view
 from .ir import Network
 from .onnx_import import ImportedModel
@@ -41,13 +42,15 @@ ENGINE_CHECK_RTOL = 1e-4
 @dataclass
 class TraceSums:
     """Running float64 sums over samples of the per-sample trace vector v (one entry per
-    parameter tensor), of v vᵀ (for standard errors), and of loss and correct predictions."""
+    parameter tensor), of v vᵀ (for standard errors), of the per-sample loss and its square
+    (for the loss's standard error) and of correct predictions (docs/method.md section 6)."""
 
     columns: int
     n: int = 0
     total: np.ndarray = None  # type: ignore[assignment]
     outer: np.ndarray = None  # type: ignore[assignment]
     loss: float = 0.0
+    loss_squares: float = 0.0  # Σ over samples of the squared per-sample loss
     correct: int = 0  # correct predictions (not counted for mse)
 
     def __post_init__(self):
@@ -65,6 +68,7 @@ class TraceSums:
         self.total += other.total
         self.outer += other.outer
         self.loss += other.loss
+        self.loss_squares += other.loss_squares
         self.correct += other.correct
 
     @property
@@ -77,6 +81,21 @@ class TraceSums:
             return float("nan")
         cov = (self.outer - self.n * np.outer(self.mean, self.mean)) / (self.n - 1)
         return float(math.sqrt(max(weights @ cov @ weights, 0.0) / self.n))
+
+    def add_losses(self, losses: np.ndarray, correct: int):
+        """Add a batch's per-sample losses and its number of correct predictions."""
+        self.loss += float(losses.sum())
+        self.loss_squares += float(losses @ losses)
+        self.correct += correct
+
+    @property
+    def loss_stderr(self) -> float:
+        """Standard error of the mean loss over samples: the sample standard deviation of
+        the per-sample losses over √n, s² = (Σ ℓ² − n·mean²)/(n − 1) (NaN for n < 2)."""
+        if self.n < 2:
+            return float("nan")
+        mean = self.loss / self.n
+        return math.sqrt(max(self.loss_squares - self.n * mean * mean, 0.0) / (self.n - 1) / self.n)
 
 
 def batch_size_for(network: Network, memory_budget: int, requested: Optional[int],
@@ -231,11 +250,13 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
             if not np.all(np.isfinite(logits)):
                 return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
             t1 = time.perf_counter()
-            traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
-                if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
-            if folded is not None:  # columns after the original ones
-                traces = np.hstack([traces, per_sample_traces(
-                    signal_folded, folded_inputs(network, folded, inputs), logits, dtype)])
+            if folded is None:
+                traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
+                    if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
+            else:  # the folded view's columns after the original ones, from the same signals
+                traces, traces_folded, diag = traces_with_folded(
+                    signal_network, signal_folded, inputs, logits, dtype, diagonal)
+                traces = np.hstack([traces, traces_folded])
             return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
 
     sums = TraceSums(columns + (0 if folded is None else len(tensor_columns(folded))))
@@ -283,10 +304,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         t_forward += batch.seconds[0]
         t_engine += batch.seconds[1]
         if labels is not None:
-            loss, correct = loss_and_correct(batch.logits, labels[sums.n - len(batch.x):sums.n],
-                                             network.loss)
-            sums.loss += loss
-            sums.correct += correct
+            sums.add_losses(*losses_and_correct(batch.logits, labels[sums.n - len(batch.x):sums.n],
+                                                network.loss))
         if progress:
             progress(len(batch.x))
 
@@ -364,17 +383,18 @@ def compare_traces(reference, traces: np.ndarray) -> dict:
             "tolerance": ENGINE_CHECK_RTOL}
 
 
-def loss_and_correct(logits: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, int]:
-    """Summed loss and number of correct predictions of a batch (docs/method.md, section 1):
-    cross-entropy logsumexp(z) − z_y and arg-max; binary cross-entropy of σ(z), computed as
-    max(z, 0) − y·z + log(1 + e^{−|z|}), and z > 0; mse (1/K) Σ_k (z_k − y_k)², no accuracy."""
+def losses_and_correct(logits: np.ndarray, y: np.ndarray, loss: str) -> tuple[np.ndarray, int]:
+    """Per-sample losses (float64, shape (N,)) and the number of correct predictions of a
+    batch (docs/method.md, section 1): cross-entropy logsumexp(z) − z_y and arg-max; binary
+    cross-entropy of σ(z), computed as max(z, 0) − y·z + log(1 + e^{−|z|}), and z > 0; mse
+    (1/K) Σ_k (z_k − y_k)², no accuracy."""
     if loss == "binary":
         z = logits[:, 0]
         bce = np.maximum(z, 0.0) - y * z + np.log1p(np.exp(-np.abs(z)))
-        return float(bce.sum()), int(np.sum((z > 0) == (y == 1)))
+        return bce, int(np.sum((z > 0) == (y == 1)))
     if loss == "mse":
         d = logits - y.reshape(logits.shape)
-        return float(np.einsum("nk,nk->", d, d) / logits.shape[1]), 0
+        return np.einsum("nk,nk->n", d, d) / logits.shape[1], 0
     z = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z).sum(axis=1))
-    return float(np.sum(lse - z[np.arange(len(y)), y])), int(np.sum(np.argmax(logits, axis=1) == y))
+    return lse - z[np.arange(len(y)), y], int(np.sum(np.argmax(logits, axis=1) == y))

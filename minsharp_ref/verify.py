@@ -63,7 +63,7 @@ def parse_tolerances(values: list[str], option: str, default: float) -> dict[str
 
 def load_expected(path) -> dict:
     """Their document, normalised to {'traces': {key: value}, 'trace', 'minimum_sharpness',
-    'samples', 'preprocessing', 'split'}."""
+    'samples', 'preprocessing', 'split', 'loss_kind'}."""
     path = Path(path)
     if not path.is_file():
         raise MinsharpError(f"{path}: no such file")
@@ -82,7 +82,8 @@ def load_expected(path) -> dict:
                 out["traces"][layer["bias"]] = layer["trace_bias"]
         data = doc.get("data", {})
         out.update(samples=data.get("samples"), preprocessing=data.get("preprocessing"),
-                   split=None, trace=doc.get("trace"), minimum_sharpness=doc.get("minimum_sharpness"))
+                   split=None, trace=doc.get("trace"), minimum_sharpness=doc.get("minimum_sharpness"),
+                   loss_kind=doc.get("loss_kind"))
     elif schema == EXPECTED_SCHEMA:
         traces = doc.get("traces", {})
         if not isinstance(traces, dict):
@@ -91,10 +92,15 @@ def load_expected(path) -> dict:
         data = doc.get("data", {}) or {}
         out.update(samples=data.get("samples"), preprocessing=data.get("preprocessing"),
                    split=data.get("split"), trace=doc.get("trace"),
-                   minimum_sharpness=doc.get("minimum_sharpness"))
+                   minimum_sharpness=doc.get("minimum_sharpness"), loss_kind=doc.get("loss_kind"))
     else:
         raise MinsharpError(f'{path}: unknown schema {schema!r}; expected "{EXPECTED_SCHEMA}" '
                             'or "minsharp-ref/score/v1"')
+    from .onnx_import.head import LOSS_KINDS
+
+    if out["loss_kind"] is not None and out["loss_kind"] not in LOSS_KINDS:
+        raise MinsharpError(f'{path}: "loss_kind" must be one of {", ".join(LOSS_KINDS)}, not '
+                            f'{out["loss_kind"]!r}')
     for key, value in list(out["traces"].items()) + [("trace", out["trace"]),
                                                       ("minimum_sharpness", out["minimum_sharpness"])]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -166,8 +172,12 @@ def compare(result, expected: dict, diagonal_ours: Optional[dict], diagonal_thei
 
 
 def data_mismatches(result, expected: dict) -> list[str]:
-    """Recorded differences in the data: most mismatches in practice are data mismatches."""
+    """Recorded differences in the data (and the loss): most mismatches in practice are
+    data mismatches."""
     notes = []
+    loss = expected.get("loss_kind")
+    if loss is not None and loss != result.loss_kind:
+        notes.append(f"loss differs: theirs {loss}, ours {result.loss_kind} (see --loss)")
     samples = expected.get("samples")
     if samples is not None and samples != result.data["samples"]:
         notes.append(f"sample count differs: theirs {samples}, ours {result.data['samples']}")

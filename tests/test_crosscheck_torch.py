@@ -36,6 +36,7 @@ SAMPLES = {
     "lenet_torchscript": 8, "lenet_dynamo": 8,
     "resnet_torchscript": 8, "resnet_dynamo": 8, "resnet_bn_torchscript": 8,
     "resnet_bn_dynamo": 8, "cnn_bn_torchscript": 8, "cnn_bn_dynamo": 8,
+    "densenet_torchscript": 8, "densenet_dynamo": 8,
 }
 #: Fixtures made by other exporters are checked against their own framework's reference
 #: (fixtures/*_reference.json, tests/test_exporters.py).
@@ -98,7 +99,8 @@ def test_diagonals_match_torch_func(stem):
 
 @pytest.mark.parametrize("stem", ["mlp_torchscript", "mlp_nobias", "mlp_softmax_leaky",
                                   "smallcnn_torchscript", "cnn_avgpool_strided",
-                                  "resnet_torchscript", "resnet_bn_torchscript"])
+                                  "resnet_torchscript", "resnet_bn_torchscript",
+                                  "densenet_torchscript"])
 def test_diagonal_entries_by_double_backprop(stem):
     """A second, independent autodiff method: H e_i by differentiating the loss gradient."""
     x, y, run, _, _, diag, graph = computed(stem)

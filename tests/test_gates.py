@@ -4,6 +4,7 @@ perturbed values, so the boundary cases are exact in floating point."""
 
 import hashlib
 import json
+import math
 import re
 import struct
 import sys
@@ -105,6 +106,64 @@ def test_sigma_turns_a_small_increase_within_noise_into_a_pass(tmp_path, now):
     assert "PASS (within noise)" in passed.stdout and not failures(passed)
     tight = invoke("--baseline", base, "--max-increase", "5%", "--sigma", "0.5")
     assert tight.exit_code == 1 and "+0.6 s.e. of the difference (--sigma 0.5)" in failures(tight)[0]
+
+
+def test_sigma_discounts_a_small_loss_increase_exactly_at_the_boundary(tmp_path, now):
+    """The loss carries its standard error now: an increase of d = 0.5 s.e. (beyond the 1%
+    allowed) fails without --sigma, passes at the smallest K with d ≤ K·√(s² + s_b²) and
+    fails at the float just below that K."""
+    loss, se = now["loss"], now["loss_stderr"]
+    base_loss = loss - 0.5 * se
+    d = loss - base_loss  # exact (Sterbenz)
+    assert d > 0.01 * base_loss
+    s = math.hypot(se, se)  # the baseline's standard error: the same as this run's
+    k = d / s
+    while k * s < d:
+        k = math.nextafter(k, math.inf)
+    while math.nextafter(k, 0) * s >= d:
+        k = math.nextafter(k, 0)
+    base = baseline(tmp_path, now, loss=base_loss, loss_stderr=se)
+    assert invoke("--baseline", base, "--gate", "loss:1%").exit_code == 1
+    out = tmp_path / "r.json"
+    passed = invoke("--baseline", base, "--gate", "loss:1%", "--sigma", repr(k), "--json", out)
+    assert passed.exit_code == 0, passed.output
+    assert "PASS (within noise)" in passed.stdout and not failures(passed)
+    gate = json.loads(out.read_text())["gates"][0]
+    assert gate["exceeded"] and gate["passed"] and gate["note"] is None
+    below = invoke("--baseline", base, "--gate", "loss:1%", "--sigma", repr(math.nextafter(k, 0)))
+    assert below.exit_code == 1
+    assert failures(below) == [f"gate failed: loss {loss:.6g} > {base_loss * 1.01:.6g} (baseline "
+                               f"{base_loss:.6g} + 1%), +0.4 s.e. of the difference (--sigma "
+                               f"{math.nextafter(k, 0):g})"]
+
+
+def test_sigma_discounts_a_small_accuracy_decrease(tmp_path, now):
+    """Accuracy's binomial standard error √(p(1−p)/n): a drop of 0.02 at n = 200 is about
+    0.7 s.e. of the difference."""
+    base = baseline(tmp_path, now, accuracy=now["accuracy"] + 0.02)
+    assert invoke("--baseline", base, "--gate", "accuracy:0.01").exit_code == 1
+    r = invoke("--baseline", base, "--gate", "accuracy:0.01", "--sigma", "2")
+    assert r.exit_code == 0 and "PASS (within noise)" in r.stdout, r.output
+
+
+def test_an_older_baseline_without_the_loss_stderr_gets_the_plain_comparison(tmp_path, now):
+    """A report written before ``loss_stderr``: the standard error of the difference is
+    unknown; the verdict says so and --sigma does not discount the increase."""
+    old = {k: v for k, v in now.items() if k != "loss_stderr"}
+    base = baseline(tmp_path, old, loss=now["loss"] - 0.5 * now["loss_stderr"])
+    out = tmp_path / "r.json"
+    r = invoke("--baseline", base, "--gate", "loss:1%", "--sigma", "2", "--json", out)
+    assert r.exit_code == 1
+    note = "no standard error of the loss in baseline: --sigma 2 not applied, plain comparison"
+    assert len(failures(r)) == 1 and failures(r)[0].endswith(f"(baseline {old['loss'] - 0.5 * now['loss_stderr']:.6g} + 1%); {note}")
+    assert "FAIL (no s.e.)" in r.stdout and f"note: {note}" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["gates"][0]["note"] == note
+    change = next(c for c in doc["baseline"]["changes"] if c["quantity"] == "loss")
+    assert change["stderr_difference"] is None and change["stderr_missing"] == ["baseline"]
+    md = invoke("--baseline", base, "--gate", "loss:50%", "--sigma", "2", "--format", "markdown")
+    assert md.exit_code == 0 and "| ✅ | loss | ≤ baseline + 50% and beyond 2 s.e." in md.stdout
+    assert "PASS (no s.e.)" in md.stdout and f"Note: {note}." in md.stdout
 
 
 @pytest.mark.parametrize("change,difference", [

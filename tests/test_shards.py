@@ -34,7 +34,8 @@ def test_sharded_local_run_equals_one_piece():
     for a, b in zip(whole.layers, sharded.layers):
         for field in ("trace_weight", "trace_bias", "alpha"):
             assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-12, abs=0)
-    for field in ("trace", "trace_stderr", "minimum_sharpness", "minimum_sharpness_stderr", "loss"):
+    for field in ("trace", "trace_stderr", "minimum_sharpness", "minimum_sharpness_stderr", "loss",
+                  "loss_stderr"):
         assert getattr(sharded, field) == pytest.approx(getattr(whole, field), rel=1e-12, abs=0)
     assert sharded.accuracy == whole.accuracy and sharded.data == whole.data
     assert sharded.fidelity == whole.fidelity

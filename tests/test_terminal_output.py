@@ -78,6 +78,39 @@ def test_plain_report_is_golden_and_stderr_is_clean():
     check_golden("score_mlp.txt", normalise(p.stdout))
 
 
+#: invariance's round-off-level parts: MS to 15 digits (kept to 10, the cell's width kept)
+#: and the relative deviations (cells right-aligned under their header, width kept)
+FIFTEEN_DIGITS = re.compile(r"( *)(\d+)\.(\d{9,})")
+ROUNDOFF = re.compile(r"( *)\b(0|\d(?:\.\d+)?e-1\d)(?=  |\s\(rtol)")
+
+
+def mask_roundoff(text: str) -> str:
+    def digits(m):
+        whole, frac = m.group(2), m.group(3)
+        keep = max(0, 10 - len(whole))
+        masked = f"{whole}.{frac[:keep]}" + "#" * (15 - len(whole) - keep)
+        return " " * max(0, len(m.group(1)) + len(whole) + 1 + len(frac) - len(masked)) + masked
+
+    def roundoff(m):
+        return " " * max(0, len(m.group(0)) - 5) + "<r/o>"
+
+    text = re.sub(r"deviation \S+ \(rtol", "deviation <r/o> (rtol", text)
+    return ROUNDOFF.sub(roundoff, FIFTEEN_DIGITS.sub(digits, text))
+
+
+#: one trial: hypothesis's first draw is α = 1; its later draws also pick constants from the
+#: source of every module loaded from outside site-packages (hypothesis ≥ 6.131), so they
+#: depend on which modules (tests included) the process has imported
+INVARIANCE = ["invariance", *SCORE[1:], "--trials", 1]
+
+
+def test_invariance_plain_report_is_golden():
+    p = run(INVARIANCE)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    check_golden("invariance_mlp.txt", mask_roundoff(p.stdout))
+
+
 def test_verify_plain_report_is_golden(tmp_path):
     ours = tmp_path / "ours.json"
     assert run(SCORE + ["--json", ours, "--quiet"]).returncode == 0
@@ -117,6 +150,10 @@ def test_no_color_in_a_terminal_gives_the_plain_report_and_no_escape_codes():
     assert code == 0, stream
     assert "\x1b" not in stream and "\r" not in stream
     check_golden("score_mlp.txt", normalise(stream))
+    code, stream = run_in_pty(CLI + [str(a) for a in INVARIANCE],
+                              env=plain_env(NO_COLOR="1"), cwd=ROOT)
+    assert code == 0 and "\x1b" not in stream and "\r" not in stream, stream
+    check_golden("invariance_mlp.txt", mask_roundoff(stream))
 
 
 @needs_pty
@@ -135,14 +172,25 @@ def test_quiet_prints_nothing_but_errors(tmp_path):
     assert p.returncode == 0 and p.stdout == p.stderr == ""
 
 
-def test_warnings_go_to_stderr_one_line_each_in_the_json_words(tmp_path):
+@pytest.mark.parametrize("command", [["score"], ["invariance", "--trials", 2],
+                                     ["verify", "--expected", "EXPECTED"]])
+def test_warnings_go_to_stderr_one_line_each_in_the_json_words(tmp_path, command):
+    """score, invariance and verify: each warning of the scoring once on stderr, as the
+    JSON words it, never on stdout; --quiet drops them."""
     model, data = float64_conv_model(tmp_path)
+    expected = tmp_path / "theirs.json"
+    expected.write_text(json.dumps({"schema": "minsharp-ref/expected/v1", "traces": {}}))
     out = tmp_path / "r.json"
-    p = run(["score", model, "--data", data, "--provider", "numpy", "--json", out])
+    args = [command[0], model, "--data", data, "--provider", "numpy", "--json", out,
+            *[expected if a == "EXPECTED" else a for a in command[1:]]]
+    p = run(args)
     assert p.returncode == 0, p.stderr
     warnings = json.loads(out.read_text())["warnings"]
-    assert warnings and p.stderr.splitlines() == [f"warning: {w}" for w in warnings]
+    assert len(warnings) == 1 and warnings[0].startswith("import fidelity not checked: ")
+    assert p.stderr.splitlines() == [f"warning: {w}" for w in warnings]
     assert "warning:" not in p.stdout
+    quiet = run(args + ["--quiet"])
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
 
 
 @needs_pty
@@ -152,3 +200,41 @@ def test_warnings_are_highlighted_on_a_terminal(tmp_path):
                               env=plain_env())
     assert code == 0, stream
     assert re.search(r"\x1b\[[0-9;]*mwarning: \x1b\[0m[^\n]*import fidelity not checked", stream)
+
+
+def test_a_maybe_slow_phase_keeps_its_line_only_when_slow(monkeypatch):
+    """The solver's phase (``api.score``'s ``on_phase``): drawn while it runs, kept on
+    screen only when it took SLOW_PHASE seconds or more; the bars before it stay."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    import minsharp_ref.progress as progress
+
+    monkeypatch.setattr(progress, "SLOW_PHASE", 0.3)
+    buf = io.StringIO()
+    with progress.Phases(console=Console(file=buf, force_terminal=True, width=100)) as phases:
+        phases.start("scoring", 10, "samples")
+        phases.advance(10)
+        phases.maybe_slow("fast")
+        phases.maybe_slow("slow")
+        time.sleep(0.4)
+    final = [line.split()[0] for line in list(screens(buf.getvalue()))[-1] if line.strip()]
+    assert final == ["scoring", "slow"]
+
+
+@needs_pty
+def test_dask_shows_its_own_phases():
+    """--dask: a bar while the cluster starts, then the scoring bar, named for the shards
+    it advances by."""
+    pytest.importorskip("distributed", reason="needs pip install 'minsharp-ref[dask]'")
+    code, stream = run_in_pty(CLI + [str(a) for a in SCORE] + ["--dask", "local:1", "--limit", "200",
+                                                             "--shard-size", "50"],
+                              env=plain_env(), cwd=ROOT)
+    assert code == 0, stream
+    final = list(screens(stream))[-1]
+    names = [line.split()[0] for line in final if line.split() and line.split()[0] in
+             ("dask", "import", "shards", "scoring", "solver")]
+    assert names == ["dask", "import", "shards"]
+    assert any(line.startswith("shards ") and "200/200 samples" in line for line in final)

@@ -70,12 +70,13 @@ def assert_close(got: dict, want: dict, rtol: float, atol_total: float = 0.0):
 @pytest.mark.parametrize("name", FIXTURE_MODELS)
 def test_fixture_traces_match_float64_numpy_engine(name):
     """Every fixture, 100 MNIST samples (with labels for the cross-entropy models; every
-    loss kind's head; ResNets with and without BatchNorm, BN chains): per-tensor traces of
+    loss kind's head; ResNets with and without BatchNorm, BN chains, DenseNets): per-tensor traces of
     both parametrisations (BatchNorm: the original and the folded view), naive trace and MS
     of the float32 graph within 1e-5 of the float64 NumPy engine (float64 forward); the
     float64 graph, where the CPU provider runs it, within 1e-10; the JSON fields name what
     ran."""
-    labelled = import_model(FIXTURES / name).network.loss == "cross-entropy"
+    network = import_model(FIXTURES / name).network
+    labelled = network.loss == "cross-entropy"
     unlabelled = {"x_key": "x_train", "split": "test"}  # x_train without its labels
     common = dict(limit=100, **NORM, **({} if labelled else unlabelled))
     ref = score(FIXTURES / name, MNIST, provider="numpy", **common)
@@ -85,7 +86,7 @@ def test_fixture_traces_match_float64_numpy_engine(name):
     assert fast.engine_check["samples"] == min(64, fast.data["batch_size"])
     assert fast.engine_check["max_relative_deviation"] <= 1e-5
     assert_close(per_tensor(fast), per_tensor(ref), 1e-5)
-    assert (fast.folded is None) == (ref.folded is None) == ("bn" not in name)
+    assert (fast.folded is None) == (ref.folded is None) == (not network.has_batchnorm)
     if ref.folded is not None:
         assert_close(per_tensor_of(fast.folded["layers"]), per_tensor_of(ref.folded["layers"]), 1e-5)
         assert fast.folded["trace"] == pytest.approx(ref.folded["trace"], rel=1e-5)
@@ -94,6 +95,7 @@ def test_fixture_traces_match_float64_numpy_engine(name):
     assert fast.trace_stderr == pytest.approx(ref.trace_stderr, rel=1e-4)
     if labelled:
         assert fast.loss == pytest.approx(ref.loss, rel=1e-5) and fast.accuracy == ref.accuracy
+        assert fast.loss_stderr == pytest.approx(ref.loss_stderr, rel=1e-5)
     if "mlp" in name:  # dense nets: every op has a float64 kernel on the CPU provider
         f64 = score(FIXTURES / name, MNIST, provider="cpu", engine="onnxruntime",
                     precision="float64", **common)
