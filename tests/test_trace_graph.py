@@ -341,7 +341,8 @@ def test_failed_engine_check_exits_2(monkeypatch):
 def test_engine_check_scores_the_first_batch(monkeypatch):
     """The certificate covers the first batch, at most 64 samples (a first batch of 10: 10
     samples; of 100: 64), and the reference is the float64 NumPy engine's: a drift of the
-    first batch alone fails the run."""
+    first batch alone fails the run. The import-fidelity check shares the first batch's
+    float64 forward: reported, and an unfaithful import (the IR's first bias off by 1) fails."""
     from minsharp_ref.trace_graph import runner as runner_module
 
     imported = import_model(FIXTURES / "smallcnn_torchscript.onnx")
@@ -352,6 +353,13 @@ def test_engine_check_scores_the_first_batch(monkeypatch):
         run = traces_over(imported, [x[:first], x[first:]], None, "cpu", engine="onnxruntime")
         assert run.engine_check["samples"] == want and run.sums.n == 120
         assert run.engine_check["max_relative_deviation"] <= 1e-5
+        assert 0 < run.fidelity <= 1e-5
+    assert traces_over(imported, [x], None, "cpu", engine="onnxruntime", check=False).fidelity is None
+    layer = imported.network.param_layers[0]
+    wrong = imported.network.with_parameters({layer.bias_name: layer.bias + 1.0})
+    unfaithful = ImportedModel(imported.path, imported.sha256, imported.proto, wrong)
+    with pytest.raises(MinsharpError, match="the import is not faithful"):
+        traces_over(unfaithful, [x[:10], x[10:]], None, "cpu", engine="onnxruntime")
     original = runner_module.TraceGraphRunner.__call__
     calls = []
 
