@@ -1,7 +1,7 @@
 """The two engines on a DAG/BatchNorm fixture, side by side in ONE process, interleaved round
 by round: what ``minsharp-ref score MODEL --data fixtures/mnist_subset.npz --mean 0.5 --std
 0.5 --limit N [--engine onnxruntime]`` runs (``api.score`` with the CLI's defaults: the
-onnxruntime engine includes building its session and certifying itself on 64 samples).
+onnxruntime engine includes building its session and certifying itself on its first batch).
 
 Also the trace graph's BatchNorm design (docs/trace-graph.md, "DAGs and BatchNorm"): one
 graph whose ``traces`` hold the original and the folded view's columns (the folded view

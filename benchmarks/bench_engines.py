@@ -5,7 +5,7 @@ side by side in ONE process, interleaved round by round, on the paper's MLP
 Seconds are wall-clock, the fastest of the rounds, end to end for 1,000 samples (the CPU
 seconds of the process are printed too: on a loaded machine they are the steadier figure): for the two engines
 ``api.traces_over`` with its checks (import fidelity; the onnxruntime engine also builds
-its session and certifies itself against the float64 NumPy engine on 64 samples); for
+its session and certifies itself against the float64 NumPy engine on its first batch, at most 64 samples); for
 BackPACK the extended torch model (built from the same IR, same weights) on the same
 batches. The FLOP bound is the multiply-adds the exact computation needs (forward, K − 1
 back-propagated signals, the cheaper trace contraction per conv layer), at the numpy

@@ -251,9 +251,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     attribute holds each sample's trace contributions (initializer name → (N,), and
     ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
     at α*. ``engine``: "numpy" (the float64 reference, default) or "onnxruntime" (the trace
-    graph, float32 unless ``precision="float64"``, certified against the reference on the
-    first 64 samples); ``precision`` defaults to the engine's. ``loss`` ("cross-entropy",
-    "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
+    graph, float32 unless ``precision="float64"``, certified against the reference on its
+    first batch, at most 64 samples); ``precision`` defaults to the engine's. ``loss``
+    ("cross-entropy", "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
     (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
     samples on its workers (docs/dask.md); without one, in this process (in one piece, or
     shard by shard when ``shard_size`` is given). ``on_start(samples)`` and

@@ -122,7 +122,7 @@ def score(
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Count only worsenings beyond K standard errors of the difference."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests; see docs/exporting.md)."),
-    engine: str = typer.Option("numpy", "--engine", help="numpy (float64 reference, default) | onnxruntime (the trace graph on --provider's device, float32 unless --precision float64; certified on 64 samples)."),
+    engine: str = typer.Option("numpy", "--engine", help="numpy (float64 reference, default) | onnxruntime (the trace graph on --provider's device, float32 unless --precision float64; certified on its first batch, at most 64 samples)."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 8 batches; without: one shard)."),
     scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),

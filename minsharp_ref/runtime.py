@@ -184,12 +184,14 @@ FIDELITY_RTOL = 1e-4
 
 
 def check_fidelity(proto: onnx.ModelProto, network: Network, x: np.ndarray,
-                   ort_logits: Optional[np.ndarray] = None) -> float:
-    """Compare the IR's float64 logits with onnxruntime's (CPU) on a batch; raise when the
-    import is not faithful. Returns the largest scaled difference."""
+                   ort_logits: Optional[np.ndarray] = None,
+                   ref_logits: Optional[np.ndarray] = None) -> float:
+    """Compare the IR's float64 logits (``ref_logits`` when already computed) with
+    onnxruntime's (CPU, one thread, unless given) on a batch; raise when the import is not
+    faithful. Returns the largest scaled difference."""
     if ort_logits is None:
-        ort_logits = OrtForward(proto, network, "cpu")(x)[0]
-    ref = network.forward(x)
+        ort_logits = OrtForward(proto, network, "cpu", threads=1)(x)[0]
+    ref = network.forward(x) if ref_logits is None else ref_logits
     scale = 1.0 + float(np.max(np.abs(ref)))
     # rounded to 2 significant digits: a diagnostic that must not depend on BLAS threading
     diff = float(f"{float(np.max(np.abs(ort_logits - ref))) / scale:.2g}")

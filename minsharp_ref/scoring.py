@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -30,8 +32,9 @@ PRECISIONS = {"float64": np.float64, "float32": np.float32}
 ENGINES = ("numpy", "onnxruntime")
 #: default precision per engine: the reference in float64, the fast engine in float32
 DEFAULT_PRECISION = {"numpy": "float64", "onnxruntime": "float32"}
-#: Samples of the first batch that the float64 NumPy engine re-scores to certify a fast run,
-#: and the largest relative deviation of a per-tensor trace it accepts (``engine_check``).
+#: At most this many samples of the first batch (all of it when smaller) are re-scored by
+#: the float64 NumPy engine to certify a fast run, and the largest relative deviation of a
+#: per-tensor trace it accepts (``engine_check``).
 ENGINE_CHECK_SAMPLES = 64
 ENGINE_CHECK_RTOL = 1e-4
 
@@ -187,8 +190,10 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA; at
     most ``threads``), and accumulate the results in float64 in batch order (the result does
     not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
-    certified on its first samples by the float64 NumPy engine (``certify``); its checks run
-    on a thread of their own beside the batches, or in line when ``threads`` is given.
+    certified on its first batch (at most ENGINE_CHECK_SAMPLES samples) by the float64
+    NumPy engine (``first_batch_checks``, ``compare_traces``); its checks run on a thread of
+    their own, started on the first batch as soon as it is read (beside building the session
+    and the batches), or in line when ``threads`` is given.
     ``first_sample``: the index of the first sample in the data set (for error messages)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -203,10 +208,29 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
     columns = len(tensor_columns(network))
     folded = folded_view(network)  # BatchNorm: the folded network's columns follow the original ones
+    stack = ExitStack()  # exited last: the checks' thread, then the BLAS thread limit
+    stack.enter_context(threadpool_limits(1, user_api="blas"))
+    first_checks = None  # the onnxruntime engine's checks of the first batch, on their own thread
     if engine == "onnxruntime":
+        from .trace_graph import check_supported
         from .trace_graph.runner import TraceGraphRunner
 
-        runner = TraceGraphRunner(network, provider, precision, diagonal)
+        check_supported(network)
+        # the checks of the first batch start at once, beside the session's creation
+        checker = stack.enter_context(ThreadPoolExecutor(1) if threads is None else _InLine())
+        xs = iter(xs)
+        first = next(xs, None)
+        if first is not None:
+            first_checks = checker.submit(first_batch_checks, imported, first, check)
+            check = False
+            xs = chain([first], xs)
+        try:
+            runner = TraceGraphRunner(network, provider, precision, diagonal)
+        except BaseException:
+            if first_checks is not None:
+                first_checks.cancel()
+            stack.close()
+            raise
         provider_used, precision, workers = runner.provider, runner.precision, runner.workers
 
         def job(x: np.ndarray) -> _Batch:
@@ -240,39 +264,33 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
     fidelity = engine_check = None
     diag_sums: Optional[dict] = None
     rows = []
-    held: list = []  # the first samples and their fast traces, for the engine check
     warnings = [runner.warning] if engine == "onnxruntime" and runner.warning else []
 
     def collect(wait: bool):
         """The results of the checks that have finished (with ``wait``, of all of them)."""
-        nonlocal fidelity, engine_check, fidelity_job, checking
-        if fidelity_job is not None and (wait or fidelity_job.done()):
-            fidelity, fidelity_job = fidelity_job.result(), None
+        nonlocal fidelity, engine_check, first_checks, checking
+        if first_checks is not None and (wait or first_checks.done()):
+            fidelity, first_checks = first_checks.result()[0], None
         if checking is not None and (wait or checking.done()):
             engine_check, checking = checking.result(), None
 
     def consume(batch: _Batch):
-        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity_job, fidelity
+        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity
         if not np.all(np.isfinite(batch.logits)):
             bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
             raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
                                 "the network overflows on this input")
-        if check:
+        if check:  # the NumPy engine's (the onnxruntime engine's started with the run)
             m = FIDELITY_SAMPLES
-            if engine == "onnxruntime":  # checks beside the batches (docs/method.md, section 11)
-                fidelity_job = checker.submit(check_fidelity, imported.proto, network, batch.x[:m])
-            else:
-                try:
-                    fidelity = check_fidelity(imported.proto, network, batch.x[:m],
-                                              batch.logits[:m] if provider_used != "numpy" else None)
-                except OrtUnavailable as exc:
-                    warnings.append(f"import fidelity not checked: {exc}")
+            try:
+                fidelity = check_fidelity(imported.proto, network, batch.x[:m],
+                                          batch.logits[:m] if provider_used != "numpy" else None)
+            except OrtUnavailable as exc:
+                warnings.append(f"import fidelity not checked: {exc}")
             check = False
-        if (engine == "onnxruntime" and engine_check is None and checking is None
+        if (first_checks is not None and checking is None and engine_check is None  # first batch
                 and np.all(np.isfinite(batch.traces))):
-            held.append((batch.x, batch.traces))  # until ENGINE_CHECK_SAMPLES are held
-            if sum(len(x) for x, _ in held) >= ENGINE_CHECK_SAMPLES:
-                checking = checker.submit(certify, network, *map(np.concatenate, zip(*held)))
+            checking = checker.submit(compare_traces, first_checks, batch.traces)
         collect(wait=False)  # a failed check stops the run as soon as it is known
         if not np.all(np.isfinite(batch.traces)):
             raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
@@ -293,9 +311,8 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
 
     if threads is not None:
         workers = min(workers, threads)
-    fidelity_job = checking = None  # the onnxruntime engine's checks, on their own thread
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool, \
-            (ThreadPoolExecutor(1) if threads is None else _InLine()) as checker:
+    checking = None
+    with stack, ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for x in xs:
             pending.append(pool.submit(job, x))
@@ -306,28 +323,52 @@ def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optio
         collect(wait=True)
     if sums.n == 0:
         raise MinsharpError("no samples to score")
-    if engine == "onnxruntime" and engine_check is None:  # fewer samples than the check takes
-        engine_check = certify(network, *map(np.concatenate, zip(*held)))
     return EngineRun(
         sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
         diag_sums,
         np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
 
 
-def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
-    """The fast engine's certificate: its first ENGINE_CHECK_SAMPLES samples re-scored by
-    the float64 NumPy engine; the largest relative deviation of a per-tensor trace (mean
-    over those samples; every column, a BatchNorm network's folded view's included),
-    |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor
-    whose reference trace is 0 counts its absolute deviation relative to the total)."""
-    m = ENGINE_CHECK_SAMPLES
+def first_batch_checks(imported: ImportedModel, x: np.ndarray,
+                       fidelity: bool) -> tuple[Optional[float], np.ndarray]:
+    """The onnxruntime engine's checks of its first batch ``x``, from one float64 forward
+    of its first samples: with ``fidelity`` the import-fidelity check of its first
+    FIDELITY_SAMPLES samples (else None), and ``reference_traces`` of its first
+    ENGINE_CHECK_SAMPLES samples."""
+    network = imported.network
+    m = max(FIDELITY_SAMPLES, ENGINE_CHECK_SAMPLES)
     logits, inputs = network.forward(x[:m], keep_inputs=True)
+    diff = None
+    if fidelity:
+        f = FIDELITY_SAMPLES
+        diff = check_fidelity(imported.proto, network, x[:f], ref_logits=logits[:f])
+    e = ENGINE_CHECK_SAMPLES
+    return diff, reference_traces(network, x[:e], (logits[:e], [None if a is None else a[:e]
+                                                                  for a in inputs]))
+
+
+def reference_traces(network: Network, x: np.ndarray, forward=None) -> np.ndarray:
+    """The float64 NumPy engine's per-sample traces of ``x``, every column (a BatchNorm
+    network's folded view's included): what ``compare_traces`` checks the fast engine by.
+    ``forward``: the IR's float64 (logits, layer inputs) of ``x``, when already computed."""
+    logits, inputs = network.forward(x, keep_inputs=True) if forward is None else forward
     ref = per_sample_traces(network, inputs, logits)
     folded = folded_view(network)
     if folded is not None:  # BatchNorm: the folded parametrisation's columns are checked too
         ref = np.hstack([ref, per_sample_traces(folded, folded_inputs(network, folded, inputs),
                                                 logits)])
-    ref = ref.mean(axis=0)
+    return ref
+
+
+def compare_traces(reference, traces: np.ndarray) -> dict:
+    """The fast engine's certificate: the largest relative deviation of a per-tensor trace
+    (mean over the samples of ``reference``, the float64 NumPy engine's per-sample traces,
+    or a future of ``first_batch_checks``; ``traces`` holds the fast engine's for the same
+    samples first), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose
+    reference trace is 0 counts its absolute deviation relative to the total)."""
+    per_sample = reference.result()[1] if hasattr(reference, "result") else reference
+    m = len(per_sample)
+    ref = per_sample.mean(axis=0)
     fast = traces[:m].mean(axis=0)
     scale = np.where(ref != 0, np.abs(ref), max(float(np.abs(ref).sum()), np.finfo(float).tiny))
     deviation = float(np.max(np.abs(fast - ref) / scale))
@@ -336,9 +377,9 @@ def certify(network: Network, x: np.ndarray, traces: np.ndarray) -> dict:
     if not deviation <= ENGINE_CHECK_RTOL:
         raise MinsharpError(f"engine check failed: the onnxruntime engine's per-tensor traces "
                             f"differ from the float64 NumPy engine's by {deviation:.3g} "
-                            f"(relative, on the first {min(m, len(x))} samples; "
+                            f"(relative, on the first {m} samples; "
                             f"tolerance {ENGINE_CHECK_RTOL:g}); use --engine numpy")
-    return {"max_relative_deviation": deviation, "samples": int(min(m, len(x))),
+    return {"max_relative_deviation": deviation, "samples": int(m),
             "tolerance": ENGINE_CHECK_RTOL}
 
 

@@ -234,9 +234,12 @@ class _Builder:
     def flatten(self):
         self._node("Flatten", [self.cur], axis=1)
 
-    def maxpool(self, kernel=(2, 2), strides=None, pads=(0, 0, 0, 0), ceil_mode=0):
+    def maxpool(self, kernel=(2, 2), strides=None, pads=(0, 0, 0, 0), ceil_mode=0,
+                dilations=None):
+        extra = {} if dilations is None else {"dilations": list(dilations)}
         self._node("MaxPool", [self.cur], kernel_shape=list(kernel),
-                   strides=list(strides or kernel), pads=list(pads), ceil_mode=int(ceil_mode))
+                   strides=list(strides or kernel), pads=list(pads), ceil_mode=int(ceil_mode),
+                   **extra)
 
     def avgpool(self, kernel=(2, 2), strides=None, pads=(0, 0, 0, 0), ceil_mode=0,
                 count_include_pad=0):

@@ -82,7 +82,9 @@ def test_fixture_traces_match_float64_numpy_engine(name):
     ref = score(FIXTURES / name, MNIST, provider="numpy", **common)
     fast = score(FIXTURES / name, MNIST, provider="cpu", engine="onnxruntime", **common)
     assert (fast.engine, fast.provider, fast.precision) == ("onnxruntime", "cpu", "float32")
-    assert fast.engine_check["samples"] == 64 and fast.engine_check["max_relative_deviation"] <= 1e-5
+    # certified on its first batch, at most 64 samples
+    assert fast.engine_check["samples"] == min(64, fast.data["batch_size"])
+    assert fast.engine_check["max_relative_deviation"] <= 1e-5
     assert_close(per_tensor(fast), per_tensor(ref), 1e-5)
     assert (fast.folded is None) == (ref.folded is None) == (not network.has_batchnorm)
     if ref.folded is not None:
@@ -184,6 +186,23 @@ def test_activation_folded_into_maxpool_routing(alpha, pool):
               ("maxpool", pool), ("conv", dict(out=2, kernel=(2, 2))), ("relu", {}),
               ("maxpool", {}), ("flatten", {}), ("gemm", dict(out=4))]
     check_graph_against_oracle(build((2, 8, 8), layers, seed=6, dtype=np.float32), 6, seed=7)
+
+
+@pytest.mark.parametrize("pool", [
+    dict(kernel=(3, 2), strides=(2, 1), dilations=(2, 3), pads=(1, 0, 2, 1), ceil_mode=1),
+    dict(kernel=(2, 3), strides=(1, 2), dilations=(3, 1), pads=(0, 2, 1, 0)),
+    dict(kernel=(2, 2), strides=(3, 2), dilations=(2, 1), pads=(1, 1, 0, 1), ceil_mode=1),
+    dict(kernel=(3, 2), strides=(3, 3), pads=(1, 0, 1, 1))])
+def test_dilated_maxpool_routing(pool):
+    """Max pools with overlapping windows (the arg-max's offset in its window read from its
+    flat position in the padded plane less the window's corner, then col2im) and disjoint
+    ones (MaxUnpool on the padded frame), dilated, padded, strided, in ceil_mode, with a
+    ReLU (folded into the routing) or a LeakyReLU before them; against the oracle."""
+    for act in ("relu", "leaky"):
+        layers = [("conv", dict(out=3, pads=(1, 1, 1, 1))), (act, {}), ("maxpool", pool),
+                  ("conv", dict(out=2, kernel=(2, 2))), ("relu", {}), ("flatten", {}),
+                  ("gemm", dict(out=4))]
+        check_graph_against_oracle(build((2, 11, 10), layers, seed=8, dtype=np.float32), 6, seed=9)
 
 
 def _drawn(arch, **kw):
@@ -317,6 +336,41 @@ def test_failed_engine_check_exits_2(monkeypatch):
                             "--mean", "0.5", "--std", "0.5", "--limit", "80", "--engine", "onnxruntime"])
     assert r.exit_code == 2
     assert "engine check failed" in r.output and "by 0.001 " in r.output
+
+
+def test_engine_check_scores_the_first_batch(monkeypatch):
+    """The certificate covers the first batch, at most 64 samples (a first batch of 10: 10
+    samples; of 100: 64), and the reference is the float64 NumPy engine's: a drift of the
+    first batch alone fails the run. The import-fidelity check shares the first batch's
+    float64 forward: reported, and an unfaithful import (the IR's first bias off by 1) fails."""
+    from minsharp_ref.trace_graph import runner as runner_module
+
+    imported = import_model(FIXTURES / "smallcnn_torchscript.onnx")
+    with np.load(MNIST) as d:
+        x = (d["x_train"][:120].astype(np.float64) / 255 - 0.5) / 0.5
+    x = x.reshape(-1, 1, 28, 28)
+    for first, want in ((10, 10), (100, 64)):
+        run = traces_over(imported, [x[:first], x[first:]], None, "cpu", engine="onnxruntime")
+        assert run.engine_check["samples"] == want and run.sums.n == 120
+        assert run.engine_check["max_relative_deviation"] <= 1e-5
+        assert 0 < run.fidelity <= 1e-5
+    assert traces_over(imported, [x], None, "cpu", engine="onnxruntime", check=False).fidelity is None
+    layer = imported.network.param_layers[0]
+    wrong = imported.network.with_parameters({layer.bias_name: layer.bias + 1.0})
+    unfaithful = ImportedModel(imported.path, imported.sha256, imported.proto, wrong)
+    with pytest.raises(MinsharpError, match="the import is not faithful"):
+        traces_over(unfaithful, [x[:10], x[10:]], None, "cpu", engine="onnxruntime")
+    original = runner_module.TraceGraphRunner.__call__
+    calls = []
+
+    def drifting_once(self, x):  # the batch submitted first drifts by 1e-3
+        traces, logits, diagonal = original(self, x)
+        calls.append(len(x))
+        return (traces * (1 + 1e-3) if len(calls) == 1 else traces), logits, diagonal
+
+    monkeypatch.setattr(runner_module.TraceGraphRunner, "__call__", drifting_once)
+    with pytest.raises(MinsharpError, match="engine check failed.* on the first 10 samples"):
+        traces_over(imported, [x[:10], x[10:]], None, "cpu", engine="onnxruntime", threads=1)
 
 
 def _numbers(table: str) -> list[float]:

@@ -100,16 +100,27 @@ def col2im(ctx: Context, cols: str, geom: Geometry, in_shape: tuple[int, ...],
     return _crop(ctx, padded, geom.pads[0], geom.pads[1], h, w)
 
 
+def disjoint_windows(geom: Geometry) -> bool:
+    """Whether no two windows share an input position: stride ≥ d(k − 1) + 1 per axis."""
+    return all(s >= d * (k - 1) + 1 for s, d, k in zip(geom.stride, geom.dilation, geom.kernel))
+
+
 @backward.register
 def _(layer: MaxPool2d, ctx, g):
     """Route each signal to its window's arg-max (first maximum on ties: MaxPool's Indices,
     flat positions in the padded frame), adding up where overlapping windows share one.
 
-    The per-sample routing mask (one-hot arg-max offsets i·kw + j) is formed once and
-    broadcast over the R signals; the masked signals are columns, added back by col2im.
-    When the pool's input is a ReLU output or a LeakyReLU output with a slope ≥ 0
-    (``Context.fused_activations``), the activation's factor at the arg-max, which has the
-    sign of the pool's output, is folded into that mask, and the activation's own rule does
+    Disjoint windows (``disjoint_windows``, e.g. stride = kernel): MaxUnpool writes each
+    signal at its arg-max, which no other window's signal shares, on the padded frame
+    (then cropped); the indices of the N·R signal maps are the pool's in-sample indices
+    plus the map's offset. Overlapping windows: the per-sample routing mask (one-hot
+    arg-max offsets in the window) is formed once and broadcast over the R signals; the
+    masked signals are columns, added back by col2im. The arg-max's offset in its window is
+    its flat position in the padded plane less the window's corner, i·d_h·W_p + j·d_w: one
+    value per (i, j), since (kw − 1)·d_w < W_p. When the pool's input is a ReLU output or a
+    LeakyReLU output with a slope ≥ 0 (``Context.fused_activations``), the activation's
+    factor at the arg-max, which has the sign of the pool's output, multiplies the signals
+    (disjoint windows) or is folded into the mask, and the activation's own rule does
     nothing (docs/method.md, section 11)."""
     b = ctx.b
     geom = layer.geometry
@@ -117,25 +128,43 @@ def _(layer: MaxPool2d, ctx, g):
     _, ho, wo = ctx.out_shape(layer)
     hp, wp = geom.padded_hw((h, w))
     kh, kw = geom.kernel
-    position = b.node("Mod", [ctx.routes[layer.output_name], b.ints([hp * wp])])  # in the plane
-    row = b.node("Div", [position, b.ints([wp])])
-    col = b.node("Mod", [position, b.ints([wp])])
-    row0 = b.const((np.arange(ho) * geom.stride[0]).reshape(ho, 1), np.int64)
-    col0 = b.const(np.arange(wo) * geom.stride[1], np.int64)
-    i = b.node("Div", [b.node("Sub", [row, row0]), b.ints([geom.dilation[0]])])
-    j = b.node("Div", [b.node("Sub", [col, col0]), b.ints([geom.dilation[1]])])
-    offset = b.node("Add", [b.node("Mul", [i, b.ints([kw])]), j])  # (N, C, Ho, Wo): i·kw + j
+    r = ctx.signals
+    route = ctx.routes[layer.output_name]
     activation = ctx.fused_activations.get(layer.input_name)
-    window = (c, 1, ho * wo)  # per sample, broadcast over the R signals and kh·kw offsets
-    one_hot = b.node("Equal", [b.reshape(offset, (-1, 1) + window),
-                               b.const(np.arange(kh * kw).reshape(kh * kw, 1), np.int64)])
-    mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)  # (N, 1, C, kh·kw, P)
-    if activation is not None:
-        factor = activation_factor(activation, ctx, ctx.values[layer.output_name])
-        mask = b.node("Mul", [mask, b.reshape(factor, (-1, 1) + window)], "argmax_mask")
-    routed = b.node("Mul", [b.reshape(g, (-1, ctx.signals) + window), mask])
-    cols = b.reshape(routed, (-1, c * kh * kw, ho * wo))
+    factor = None if activation is None else \
+        activation_factor(activation, ctx, ctx.values[layer.output_name])  # (N, C, Ho, Wo)
     frame = (hp, wp) != (h, w)
+    if disjoint_windows(geom):
+        if factor is not None:
+            g = _mask(ctx, g, factor)
+        n = b.node("Shape", [g], start=0, end=1)
+        maps = b.node("Mul", [n, b.ints([r])])  # N·R, as a 1-element shape
+        map_index = b.node("Range", [b.const(0, np.int64), b.node("Squeeze", [maps]),
+                                     b.const(1, np.int64)])  # n·R + k
+        offset = b.reshape(b.node("Mul", [map_index, b.const(c * hp * wp, np.int64)]),
+                           (-1, r, 1, 1, 1))
+        in_sample = b.node("Mod", [route, b.ints([c * hp * wp])])  # (N, C, Ho, Wo)
+        index = b.node("Add", [b.node("Unsqueeze", [in_sample, b.ints([1])]), offset])
+        shape = (-1, c, ho, wo)
+        out = b.node("MaxUnpool", [b.reshape(g, shape), b.reshape(index, shape),
+                                   b.node("Concat", [maps, b.ints([c, hp, wp])], axis=0)],
+                     "signal_maps", kernel_shape=list(geom.kernel), strides=list(geom.stride))
+        if frame:
+            out = _crop(ctx, out, geom.pads[0], geom.pads[1], h, w)
+        return _to_signals(ctx, out, (c, h, w))
+    position = b.node("Mod", [route, b.ints([hp * wp])])  # in the plane
+    corner = (np.arange(ho) * geom.stride[0] * wp)[:, None] + np.arange(wo) * geom.stride[1]
+    step = b.node("Sub", [position, b.const(corner, np.int64)])  # (N, C, Ho, Wo): i·d·wp + j·d
+    dh, dw = geom.dilation
+    steps = (np.arange(kh) * dh * wp)[:, None] + np.arange(kw) * dw  # distinct: (kw − 1)·dw < wp
+    window = (c, 1, ho * wo)  # per sample, broadcast over the R signals and kh·kw offsets
+    one_hot = b.node("Equal", [b.reshape(step, (-1, 1) + window),
+                               b.const(steps.reshape(kh * kw, 1), np.int64)])
+    mask = b.node("Cast", [one_hot], "argmax_mask", to=b.elem)  # (N, 1, C, kh·kw, P)
+    if factor is not None:
+        mask = b.node("Mul", [mask, b.reshape(factor, (-1, 1) + window)], "argmax_mask")
+    routed = b.node("Mul", [b.reshape(g, (-1, r) + window), mask])
+    cols = b.reshape(routed, (-1, c * kh * kw, ho * wo))
     return _to_signals(ctx, col2im(ctx, cols, geom, (c, h, w), frame=frame), (c, h, w))
 
 

@@ -90,7 +90,9 @@ class GraphBuilder:
         return self.node("ReduceSum", [x, self.ints(axes)], stem, keepdims=keepdims)
 
     def sum_squares(self, x: str, axes: Sequence[int], keepdims: int = 0, stem=None) -> str:
-        return self.node("ReduceSumSquare", [x, self.ints(axes)], stem, keepdims=keepdims)
+        """Σ x² over ``axes``: Mul, then ReduceSum (onnxruntime's CPU ReduceSum is about
+        twice as fast as its ReduceSumSquare, and sums more accurately)."""
+        return self.sum(self.node("Mul", [x, x]), axes, keepdims, stem)
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
               name: str, doc: str = "") -> onnx.ModelProto:

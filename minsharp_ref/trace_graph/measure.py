@@ -5,7 +5,8 @@ initializers. The same formulas as ``engine.measure`` / ``engine.measure_diagona
 (docs/method.md, "Dense layers", "Convolutions", "Diagonal entries").
 
 Precision: products are formed in the graph's dtype; in a float32 graph the innermost sum
-(over one row of a product) is float32 and every other sum float64.
+(over one row of a product, or over the positions of one signal map) is float32 and every
+other sum float64.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def _(layer: Dense, ctx, g, diagonal):
     """Tr_n(W) = c_W² ‖a‖² Σ_k ‖g_k‖², Tr_n(b) = c_b² Σ_k ‖g_k‖²; diagonal: c_W² Σ_n Σ_k
     (g_k ⊙ g_k)(a ⊙ a)ᵀ and c_b² Σ_n Σ_k g_k ⊙ g_k."""
     b = ctx.b
-    a64 = ctx.to_double(ctx.input_of(layer))
+    a = ctx.input_of(layer)
     if diagonal:
         per_unit = b.sum_squares(ctx.to_double(g), [1], stem="signal_energy")  # (N, out)
         energy = b.sum(per_unit, [1])  # (N,)
     else:  # Σ_k ‖g_k‖²: the sum over units within a signal in the graph's dtype
         energy = b.sum(ctx.to_double(b.sum_squares(g, [2])), [1], stem="signal_energy")
-    a2 = b.sum_squares(a64, [1])
+    a2 = ctx.to_double(b.sum_squares(a, [1]))  # ‖a‖²: one row, in the graph's dtype
     t_w = ctx.scaled(b.node("Mul", [a2, energy]), layer.weight_coef ** 2, F64)
     t_b = None if layer.bias is None else ctx.scaled(energy, layer.bias_coef ** 2, F64)
     if not diagonal:
         return Measured(t_w, t_b)
+    a64 = ctx.to_double(a)
     squares = b.node("Mul", [a64, a64])  # (N, in)
     d_w = b.node("MatMul", [b.node("Transpose", [per_unit], perm=[1, 0]), squares])  # (out, in)
     if layer.weight_transposed:
@@ -120,8 +122,8 @@ def _(layer: Conv2d, ctx, g, diagonal):
     t_w = ctx.scaled(t_w, layer.weight_coef ** 2, F64)
     if layer.bias is None:
         return Measured(t_w, None, d_w, None)
-    rows_summed = ctx.to_double(b.sum(g, [4]))  # (N, R, C_out, Ho): float32 within a row
-    summed = b.sum(rows_summed, [3])  # (N, R, C_out)
+    _, ho, wo = ctx.out_shape(layer)  # Σ over positions, in the graph's dtype: (N, R, C_out)
+    summed = ctx.to_double(b.sum(b.reshape(g, (-1, ctx.signals, layer.out_channels, ho * wo)), [3]))
     per_channel = ctx.scaled(b.sum_squares(summed, [1]), layer.bias_coef ** 2, F64)  # (N, C_out)
     t_b = b.sum(per_channel, [1])
     d_b = b.reshape(b.sum(per_channel, [0]), layer.bias.shape) if diagonal else None
