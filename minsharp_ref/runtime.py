@@ -124,8 +124,53 @@ class NumpyForward:
         return logits, [a if i in keep else None for i, a in enumerate(inputs)]
 
 
+def free_the_batch(model: onnx.ModelProto, input_name: str) -> None:
+    """In place: a graph exported with a fixed batch size B (``torch.onnx.export`` without
+    ``dynamic_axes`` writes the dummy input's) made to run on batches of any size, as the
+    engines feed it: the input's first dimension becomes symbolic, the recorded value shapes
+    are dropped (onnxruntime re-infers them), and a Reshape whose constant target starts
+    with B gets 0 there instead (copy the input's batch). The import reads every Reshape as
+    keeping the batch axis first (docs/exporting.md), and the fidelity check compares the
+    result with the float64 IR on the first batch (``allowzero`` is cleared there, which
+    changes nothing when the target has no other 0). A graph with a symbolic batch is left
+    as it is."""
+    inputs = [i for i in model.graph.input if i.name == input_name]
+    if not inputs:
+        return
+    first = inputs[0].type.tensor_type.shape.dim[0]
+    batch = first.dim_value if first.HasField("dim_value") else 0
+    if batch <= 0:
+        return
+    first.Clear()
+    first.dim_param = "batch"
+    del model.graph.value_info[:]
+    initializers = {t.name: t for t in model.graph.initializer}
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        if node.input[1] in initializers:
+            target = onnx.numpy_helper.to_array(initializers[node.input[1]])
+        elif node.input[1] in constants and constants[node.input[1]].attribute[0].name == "value":
+            target = onnx.numpy_helper.to_array(constants[node.input[1]].attribute[0].t)
+        else:
+            continue
+        if target.ndim == 1 and target.size and target[0] == batch and 0 not in target:
+            target = target.copy()
+            target[0] = 0
+            # allowzero=1 (the dynamo exporter's) reads 0 literally; without other zeros in
+            # the target it means the same as allowzero=0, which makes the 0 copy the batch
+            for a in node.attribute:
+                if a.name == "allowzero":
+                    a.i = 0
+            name = f"{node.input[1]}__any_batch_{len(model.graph.initializer)}"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(target, name))
+            node.input[1] = name
+
+
 class OrtForward:
-    """onnxruntime forward with the engine's intermediate tensors as extra graph outputs."""
+    """onnxruntime forward with the engine's intermediate tensors as extra graph outputs (a
+    fixed batch size made free: ``free_the_batch``)."""
 
     def __init__(self, proto: onnx.ModelProto, network: Network, provider: str, threads: int = 0):
         import onnxruntime as ort
@@ -136,6 +181,7 @@ class OrtForward:
         self.fetch = [n for n in dict.fromkeys(names) if n != network.input_name]
         model = onnx.ModelProto()
         model.CopyFrom(proto)
+        free_the_batch(model, network.input_name)
         elem = onnx.helper.np_dtype_to_tensor_dtype(network.input_dtype)
         del model.graph.output[:]
         model.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem, None) for n in self.fetch)

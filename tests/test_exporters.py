@@ -191,20 +191,6 @@ def test_cli_scores_every_exporter_fixture(stem):
     assert f"loss: {model['loss']}" in r.stdout
 
 
-def test_a_fixed_batch_size_is_refused_with_the_export_hint():
-    """``torch.onnx.export(model, x, path)`` without dynamic_axes fixes the batch size to the
-    dummy input's (fixtures/make_fixtures.py, ``static_batch``); onnxruntime then fails on
-    any other batch size, so the import refuses it and says how to export."""
-    path = FIXTURES / "refused" / "mlp_static_batch_torchscript.onnx"
-    r = CliRunner().invoke(app, ["score", str(path), "--data", str(MNIST), "--limit", "8"])
-    assert r.exit_code == 2
-    assert r.output.strip().splitlines() == [
-        f'error: {path}: input "onnx::Flatten_0" has a fixed batch size of 1; samples are '
-        'scored in batches of any size: export with a dynamic batch dimension (PyTorch: '
-        'input_names=["x"], dynamic_axes={"x": {0: "batch"}}, or dynamo=True with '
-        'dynamic_shapes; see docs/exporting.md)']
-
-
 def test_dynamo_writes_adaptive_max_pool_as_reducemax_a_global_max_pool():
     """``nn.AdaptiveMaxPool2d(1)`` under ``dynamo=True`` is ReduceMax over (2, 3) (the legacy
     exporter writes MaxPool): imported as a global max pool (traces against torch float64

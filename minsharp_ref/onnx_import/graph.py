@@ -123,12 +123,6 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     if input_shape is not None and len(input_shape) != len(dims) - 1:
         raise MinsharpError(f'--input-shape {",".join(map(str, input_shape))} has {len(input_shape)} '
                             f'dimensions; input "{inp.name}" has {len(dims) - 1} per sample')
-    if dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        raise MinsharpError(
-            f'input "{inp.name}" has a fixed batch size of {dims[0].dim_value}; samples are '
-            "scored in batches of any size: export with a dynamic batch dimension (PyTorch: "
-            "input_names=[\"x\"], dynamic_axes={\"x\": {0: \"batch\"}}, or dynamo=True with "
-            "dynamic_shapes; see docs/exporting.md)")
     per_sample = []
     for axis, d in enumerate(dims[1:], start=1):
         static = d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
