@@ -343,15 +343,16 @@ def first_batch_checks(imported: ImportedModel, x: np.ndarray,
         f = FIDELITY_SAMPLES
         diff = check_fidelity(imported.proto, network, x[:f], ref_logits=logits[:f])
     e = ENGINE_CHECK_SAMPLES
-    return diff, reference_traces(network, x[:e], (logits[:e], [None if a is None else a[:e]
-                                                                  for a in inputs]))
+    return diff, reference_traces(network, logits[:e], [None if a is None else a[:e]
+                                                        for a in inputs])
 
 
-def reference_traces(network: Network, x: np.ndarray, forward=None) -> np.ndarray:
-    """The float64 NumPy engine's per-sample traces of ``x``, every column (a BatchNorm
-    network's folded view's included): what ``compare_traces`` checks the fast engine by.
-    ``forward``: the IR's float64 (logits, layer inputs) of ``x``, when already computed."""
-    logits, inputs = network.forward(x, keep_inputs=True) if forward is None else forward
+def reference_traces(network: Network, logits: np.ndarray, inputs: list) -> np.ndarray:
+    """The float64 NumPy engine's per-sample traces from the IR's float64 forward (``logits``,
+    layer ``inputs``), every column: what ``compare_traces`` checks the fast engine by. A
+    BatchNorm network's folded columns come from a backward pass through the folded network
+    itself, not from ``traces_with_folded``: the certificate stays independent of that
+    shortcut."""
     ref = per_sample_traces(network, inputs, logits)
     folded = folded_view(network)
     if folded is not None:  # BatchNorm: the folded parametrisation's columns are checked too
@@ -360,13 +361,13 @@ def reference_traces(network: Network, x: np.ndarray, forward=None) -> np.ndarra
     return ref
 
 
-def compare_traces(reference, traces: np.ndarray) -> dict:
+def compare_traces(checks, traces: np.ndarray) -> dict:
     """The fast engine's certificate: the largest relative deviation of a per-tensor trace
-    (mean over the samples of ``reference``, the float64 NumPy engine's per-sample traces,
-    or a future of ``first_batch_checks``; ``traces`` holds the fast engine's for the same
-    samples first), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose
+    (mean over the samples that ``checks``, the future of ``first_batch_checks``, scored
+    with the float64 NumPy engine; ``traces`` holds the fast engine's for the same samples
+    first), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose
     reference trace is 0 counts its absolute deviation relative to the total)."""
-    per_sample = reference.result()[1] if hasattr(reference, "result") else reference
+    per_sample = checks.result()[1]
     m = len(per_sample)
     ref = per_sample.mean(axis=0)
     fast = traces[:m].mean(axis=0)
