@@ -73,7 +73,7 @@ def test_smoke_study_outputs_and_rescaled_copies(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "kendall.md", "measures_vs_gap.png", "results.json", "study.json"]  # no temporary files
+        "kendall.md", "measures_vs_gap.png", "results.json", "study.json", "summary.md"]  # no temporary files
     records = json.loads((out / "results.json").read_text())
     measures = study_measures.present(records)
     assert {"trace", "minimum_sharpness", "normalised_sharpness"} <= set(measures)

@@ -12,6 +12,7 @@ generalisation gap with onnxruntime. Then it writes
 
     OUT/results.json        one record per scored network (the copy has "rescaled": true)
     OUT/kendall.md          Kendall τ between each measure and the gap
+    OUT/summary.md          per architecture and noise level, the means over seeds
     OUT/measures_vs_gap.png each measure against the gap, rescaled copies marked
 
 Run from the repository root (needs the ``study`` extra: torch==2.13.0, matplotlib):
@@ -58,8 +59,8 @@ class Config:
     noise: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     architectures: tuple[str, ...] = ARCHITECTURES
-    train_images: int = 2000        # the first n training images of the subset
-    score_images: int = 2000        # the first n of those scored by minsharp-ref
+    train_images: int = 1000        # the first n training images of the subset
+    score_images: int = 1000        # the first n of those scored by minsharp-ref
     spectrum_images: int = 500      # the first n of those for λ_max (when available)
     epochs: tuple[tuple[str, int], ...] = (("lenet", 200), ("mlp", 200))
     target_accuracy: float = 0.99
@@ -333,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         records = run(config, args.data, args.out, mode)
     study_report.write_report(records, args.out)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'kendall.md'}, "
-          f"{args.out / study_report.FIGURE}")
+          f"{args.out / 'summary.md'}, {args.out / study_report.FIGURE}")
     return 0
 
 

@@ -63,6 +63,25 @@ def kendall_markdown(records: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary_markdown(records: list[dict]) -> str:
+    """Per architecture and noise level: the means over seeds of the trained networks'
+    epochs, accuracies, gap and measures."""
+    import numpy as np
+
+    measures = study_measures.present(records)
+    originals = [r for r in records if not r["rescaled"]]
+    cols = ["epochs", "train_accuracy", "test_accuracy", "gap", "loss_gap"] + measures
+    out = ["# Means over seeds of the trained networks", "",
+           "| architecture | noise | n | reached 0.99 | " + " | ".join(f"`{c}`" for c in cols) + " |",
+           "|---" * (len(cols) + 4) + "|"]
+    for key in sorted({(r["architecture"], r["noise"]) for r in originals}):
+        rs = [r for r in originals if (r["architecture"], r["noise"]) == key]
+        cells = [f"{np.mean([r[c] for r in rs]):.4g}" for c in cols]
+        reached = sum(bool(r.get("reached_target")) for r in rs)
+        out.append(f"| {key[0]} | {key[1]:.0%} | {len(rs)} | {reached} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -76,7 +95,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def figure(records: list[dict], path: Path) -> None:
     """One panel per measure against the accuracy gap, log y; colour = label noise, marker =
-    architecture, hollow = the α-rescaled copy, joined to its original by a grey line."""
+    architecture, a larger hollow marker = the α-rescaled copy, joined to its original by a
+    grey line (a ring around its original where the measure is scale-invariant)."""
     import io
 
     import matplotlib
@@ -101,16 +121,17 @@ def figure(records: list[dict], path: Path) -> None:
             if c is not None:
                 ax.plot([r["gap"], c["gap"]], [r[m], c[m]], color="0.7", lw=0.6, zorder=0)
                 ax.scatter(c["gap"], c[m], marker=MARKERS.get(c["architecture"], "^"),
-                           facecolors="none", edgecolors=colour, s=30)
+                           facecolors="none", edgecolors=colour, s=90, lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("gap (train − test accuracy)")
         ax.set_title(LABELS.get(m, m), fontsize=10)
     for ax in list(axes.flat)[len(measures):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], ls="", marker=mk, color="k", label=a) for a, mk in MARKERS.items()]
-    handles.append(plt.Line2D([], [], ls="", marker="o", markerfacecolor="none", color="k",
-                              label="α-rescaled copy"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    handles.append(plt.Line2D([], [], ls="", marker="o", markersize=9, markerfacecolor="none",
+                              color="k", label="α-rescaled copy (same function)"))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.45, 1.06), ncol=len(handles),
+               fontsize=8, frameon=False)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, 100))
     fig.colorbar(sm, ax=axes, shrink=0.8, label="random labels (%)")
     buf = io.BytesIO()
@@ -121,4 +142,5 @@ def figure(records: list[dict], path: Path) -> None:
 
 def write_report(records: list[dict], out: Path) -> None:
     _write_atomic(out / "kendall.md", kendall_markdown(records).encode())
+    _write_atomic(out / "summary.md", summary_markdown(records).encode())
     figure(records, out / FIGURE)
