@@ -65,6 +65,17 @@ def test_kendall_table_on_a_monotone_and_a_reversed_measure():
     assert "| `minimum_sharpness` | +1.00" in text and "| `trace` | -1.00" in text
 
 
+def test_bad_input_is_one_error_line_and_no_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert study.main(["--seeds", "0", "--out", str(out)]) == 2
+    assert study.main(["--report-only", "--out", str(out)]) == 2
+    assert study.main(["--data", str(tmp_path / "missing.npz"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["error"] * 3, err
+    assert "--seeds must be at least 1" in err[0] and "missing.npz" in err[2]
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not HAS_STUDY_EXTRA, reason="needs torch and matplotlib: pip install 'minsharp-ref[study]'")
 def test_smoke_study_outputs_and_rescaled_copies(tmp_path):
     out = tmp_path / "study"

@@ -25,6 +25,7 @@ See examples/label_noise_study/README.md and docs/case-study.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -80,14 +81,27 @@ SMOKE = Config(noise=(0.0, 1.0), seeds=(0,), train_images=200, score_images=100,
                spectrum_images=64, epochs=(("lenet", 8), ("mlp", 8)))
 
 
+class StudyError(Exception):
+    """Bad input: reported as one ``error:`` line, exit status 2."""
+
+
 # --------------------------------------------------------------------------- data
 def load_data(path: Path, config: Config):
     """(x_train uint8, y_train true labels, x_test uint8, y_test) of the fixture subset."""
-    with np.load(path, allow_pickle=False) as d:
-        n = config.train_images
-        if n > len(d["x_train"]):
-            raise SystemExit(f"error: {path} has {len(d['x_train'])} training images, not {n}")
-        return d["x_train"][:n], d["y_train"][:n].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            missing = [k for k in keys if k not in d.files]
+            if missing:
+                raise StudyError(f"{path} has no {', '.join(missing)}")
+            x, y, xt, yt = (d[k] for k in keys)
+    except (OSError, ValueError) as e:
+        raise StudyError(f"cannot read {path}: {e}") from None
+    n = config.train_images
+    if n > len(x) or x.dtype != np.uint8 or x.shape[1:] != (28, 28):
+        raise StudyError(f"{path}: needs at least {n} uint8 28×28 training images, has "
+                         f"{len(x)} of {x.dtype} {x.shape[1:]}")
+    return x[:n], y[:n].astype(np.int64), xt, yt.astype(np.int64)
 
 
 def preprocess(x_uint8: np.ndarray) -> np.ndarray:
@@ -275,11 +289,12 @@ def one_network(architecture: str, noise: float, seed: int, data, config: Config
 
 
 def run(config: Config, data_path: Path, out: Path, mode: str) -> list[dict]:
+    data = load_data(data_path, config)
     import torch
 
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
-    data = load_data(data_path, config)
+    out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     start = time.perf_counter()
     runs = [(a, p, s) for s in config.seeds for p in config.noise for a in config.architectures]
@@ -296,6 +311,24 @@ def run(config: Config, data_path: Path, out: Path, mode: str) -> list[dict]:
                 torch=torch.__version__, measures=study_measures.present(records))
     write_json(out / "study.json", meta)
     return records
+
+
+def _records(args, config: Config, mode: str) -> list[dict]:
+    """Run the study, or read OUT/results.json with --report-only."""
+    if args.report_only:
+        try:
+            with open(args.out / "results.json") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise StudyError(f"cannot read {args.out / 'results.json'}: {e}") from None
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("matplotlib") is None:
+        raise StudyError("the study needs torch and matplotlib: pip install 'minsharp-ref[study]'")
+    for key in ("train_images", "score_images", "threads"):
+        if getattr(config, key) < 1:
+            raise StudyError(f"--{key.replace('_', '-')} must be at least 1")
+    if not config.seeds:
+        raise StudyError("--seeds must be at least 1")
+    return run(config, args.data, args.out, mode)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -315,23 +348,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     config = {"quick": QUICK, "smoke": SMOKE, "full": FULL}[mode]
-    if args.seeds:
+    if args.seeds is not None:
         config = replace(config, seeds=tuple(range(args.seeds)))
     for key in ("train_images", "score_images", "threads"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:
             config = replace(config, **{key: getattr(args, key)})
     config = replace(config, score_images=min(config.score_images, config.train_images))
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        with open(args.out / "results.json") as f:
-            records = json.load(f)
-    else:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("error: the study needs torch: pip install 'minsharp-ref[study]'", file=sys.stderr)
-            return 2
-        records = run(config, args.data, args.out, mode)
+    try:
+        records = _records(args, config, mode)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     study_report.write_report(records, args.out)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'kendall.md'}, "
           f"{args.out / 'summary.md'}, {args.out / study_report.FIGURE}")
