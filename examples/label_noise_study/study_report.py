@@ -124,7 +124,10 @@ def figure(records: list[dict], path: Path) -> None:
                            facecolors="none", edgecolors=colour, s=90, lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("gap (train − test accuracy)")
-        ax.set_title(LABELS.get(m, m), fontsize=10)
+        originals = [r for r in records if not r["rescaled"]]
+        tau_o, tau_all = kendall(originals, m, "gap")[0], kendall(records, m, "gap")[0]
+        ax.set_title(f"{LABELS.get(m, m)}\npooled τ {tau_o:+.2f} (with copies {tau_all:+.2f})",
+                     fontsize=9)
     for ax in list(axes.flat)[len(measures):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], ls="", marker=mk, color="k", label=a) for a, mk in MARKERS.items()]
