@@ -76,6 +76,7 @@ def test_bad_input_is_one_error_line_and_no_output(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_STUDY_EXTRA, reason="needs torch and matplotlib: pip install 'minsharp-ref[study]'")
 def test_smoke_study_outputs_and_rescaled_copies(tmp_path):
     out = tmp_path / "study"

@@ -255,6 +255,7 @@ def write_json(path: Path, value) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(value, f, indent=1, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is not what a results file should have
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -87,6 +87,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is not what a results file should have
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
