@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MNIST, ROOT
+from conftest import FIXTURES, MNIST, ROOT
 
 STUDY = ROOT / "examples" / "label_noise_study"
 sys.path.insert(0, str(STUDY))
@@ -52,6 +52,29 @@ def test_adapters_omit_measures_this_minsharp_ref_does_not_report():
     doc["measures"]["neuron_minimum_sharpness"] = {"value": 1.5, "stderr": 0.05, "units": 7}
     fields = study_measures.from_score(doc)
     assert fields["neuron_minimum_sharpness"] == 1.5 and fields["neuron_minimum_sharpness_stderr"] == 0.05
+
+
+def test_spectrum_fields_read_lambda_max_as_given_and_at_alpha_star():
+    doc = {"top": [{"value": 7.5, "residual": 1e-10}, {"value": 3.0, "residual": 1e-9}],
+           "lambda_max_at_alpha_star": {"value": 2.5, "residual": 1e-10}}
+    assert study_measures.spectrum_fields(doc) == {
+        "lambda_max": 7.5, "lambda_max_stderr": None,
+        "lambda_max_at_alpha_star": 2.5, "lambda_max_at_alpha_star_stderr": None}
+    assert study_measures.spectrum_fields({"top": [4.0], "lambda_max_at_alpha_star": None}) == {
+        "lambda_max": 4.0, "lambda_max_stderr": None}
+
+
+@pytest.mark.skipif(not study_measures.spectrum_available(),
+                    reason="this minsharp-ref has no spectrum (λ_max) yet")
+def test_lambda_max_moves_under_rescaling_and_at_alpha_star_does_not(tmp_path):
+    """The λ_max adapter on a shipped MLP and its power-of-two α-rescaled copy (as the study
+    makes them): λ_max moves, λ_max at α* does not (to the Lanczos tolerance)."""
+    original, copy = FIXTURES / "mlp_torchscript.onnx", tmp_path / "copy.onnx"
+    alpha = study.rescale_copy(original, copy, [0, 0, 21], 6)
+    assert np.prod(alpha) == 1.0 and any(a != 1 for a in alpha)
+    r, c = (study_measures.from_spectrum(p, MNIST, 64, 0.5, 0.5) for p in (original, copy))
+    assert abs(c["lambda_max"] / r["lambda_max"] - 1) > 0.01
+    assert c["lambda_max_at_alpha_star"] == pytest.approx(r["lambda_max_at_alpha_star"], rel=1e-6)
 
 
 def test_kendall_table_on_a_monotone_and_a_reversed_measure():
@@ -103,10 +126,13 @@ def test_smoke_study_outputs_and_rescaled_copies(tmp_path):
     for key, r in originals.items():
         c = copies[key]
         assert c["minimum_sharpness"] == pytest.approx(r["minimum_sharpness"], rel=1e-9, abs=0)
+        for m in set(measures) & set(study_measures.INVARIANT):  # those this minsharp-ref has
+            assert c[m] == pytest.approx(r[m], rel=1e-9, abs=0), m
         assert c["gap"] == r["gap"] and c["train_accuracy"] == r["train_accuracy"]
         assert c["loss_gap"] == pytest.approx(r["loss_gap"], rel=1e-12)
         assert np.prod(c["alpha"]) == 1.0 and any(a != 1 for a in c["alpha"])
-        assert abs(c["trace"] / r["trace"] - 1) > 0.01  # while the naive trace moves
+        for m in set(measures) & set(study_measures.SCALE_DEPENDENT):
+            assert abs(c[m] / r[m] - 1) > 0.01, m  # while the naive trace moves
     assert {r["architecture"] for r in records} == {"lenet", "mlp"}
     table = (out / "kendall.md").read_text()
     assert "pooled (n = 4)" in table and "pooled (n = 8)" in table

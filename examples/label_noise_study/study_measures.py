@@ -24,6 +24,10 @@ Fields = dict[str, Optional[float]]
 #: every measure the study knows, in table order; a study records those available
 MEASURES = ("trace", "minimum_sharpness", "normalised_sharpness", "neuron_minimum_sharpness",
             "lambda_max", "lambda_max_at_alpha_star")
+#: unchanged by an α-scale transformation (docs/method.md section 5), and those it moves
+INVARIANT = ("minimum_sharpness", "normalised_sharpness", "neuron_minimum_sharpness",
+             "lambda_max_at_alpha_star")
+SCALE_DEPENDENT = ("trace", "lambda_max")
 
 
 def _pair(name: str, value, stderr) -> Fields:
@@ -102,7 +106,12 @@ def from_spectrum(model: Path, data: Path, limit: int, mean: float, std: float) 
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"spectrum failed on {model}: {done.stderr.strip()}")
-        doc = json.loads(out.read_text())
+        return spectrum_fields(json.loads(out.read_text()))
+
+
+def spectrum_fields(doc: Doc) -> Fields:
+    """``lambda_max`` (``top[0]``) and ``lambda_max_at_alpha_star`` of a spectrum JSON
+    document; each eigenvalue may be a number or {value, residual}."""
     fields = _pair("lambda_max", _value(doc["top"][0]), None)
     if doc.get("lambda_max_at_alpha_star") is not None:
         fields.update(_pair("lambda_max_at_alpha_star", _value(doc["lambda_max_at_alpha_star"]), None))
