@@ -347,6 +347,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("study"), help="output folder")
     parser.add_argument("--data", type=Path, default=ROOT / "fixtures" / "mnist_subset.npz")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..n−1)")
+    parser.add_argument("--architectures", choices=ARCHITECTURES, nargs="+",
+                        help="train only these (default: both)")
     parser.add_argument("--train-images", type=int)
     parser.add_argument("--score-images", type=int)
     parser.add_argument("--spectrum-images", type=int,
@@ -357,6 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     config = {"quick": QUICK, "smoke": SMOKE, "full": FULL}[mode]
+    if args.architectures:
+        config = replace(config, architectures=tuple(args.architectures))
     if args.seeds is not None:
         config = replace(config, seeds=tuple(range(args.seeds)))
     for key in ("train_images", "score_images", "spectrum_images", "threads"):
