@@ -108,7 +108,8 @@ def figure(records: list[dict], path: Path) -> None:
     measures = study_measures.present(records)
     cols = min(3, len(measures))
     rows = math.ceil(len(measures) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     cmap = plt.get_cmap("viridis")
     key = lambda r: (r["architecture"], r["noise"], r["seed"])  # noqa: E731
     copies = {key(r): r for r in records if r["rescaled"]}
@@ -134,12 +135,12 @@ def figure(records: list[dict], path: Path) -> None:
     handles = [plt.Line2D([], [], ls="", marker=mk, color="k", label=a) for a, mk in MARKERS.items()]
     handles.append(plt.Line2D([], [], ls="", marker="o", markersize=9, markerfacecolor="none",
                               color="k", label="α-rescaled copy (same function)"))
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.45, 1.06), ncol=len(handles),
-               fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8,
+               frameon=False)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, 100))
     fig.colorbar(sm, ax=axes, shrink=0.8, label="random labels (%)")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     _write_atomic(path, buf.getvalue())
 
