@@ -295,6 +295,8 @@ def one_network(architecture: str, noise: float, seed: int, data, config: Config
 
 def run(config: Config, data_path: Path, out: Path, mode: str) -> list[dict]:
     data = load_data(data_path, config)
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("matplotlib") is None:
+        raise StudyError("the study needs torch and matplotlib: pip install 'minsharp-ref[study]'")
     import torch
 
     torch.set_num_threads(config.threads)
@@ -326,8 +328,6 @@ def _records(args, config: Config, mode: str) -> list[dict]:
                 return json.load(f)
         except (OSError, ValueError) as e:
             raise StudyError(f"cannot read {args.out / 'results.json'}: {e}") from None
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("matplotlib") is None:
-        raise StudyError("the study needs torch and matplotlib: pip install 'minsharp-ref[study]'")
     for key in ("train_images", "score_images", "threads"):
         if getattr(config, key) < 1:
             raise StudyError(f"--{key.replace('_', '-')} must be at least 1")
