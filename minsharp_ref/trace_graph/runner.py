@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import MinsharpError, first_line
 from ..ir import Network
-from ..runtime import PROVIDERS, _quiet_stderr, cuda_error, cuda_usable
+from ..runtime import PROVIDERS, quiet_stderr, cuda_error, cuda_usable
 from . import DIAGONAL_PREFIX, INPUT, LOGITS, TRACES, build_trace_graph
 from .export import DTYPES
 
@@ -61,7 +61,7 @@ class TraceGraphRunner:
         for p in tried:
             self.model = build_trace_graph(network, DTYPES[p], diagonal)
             try:
-                with _quiet_stderr():
+                with quiet_stderr():
                     self.session = ort.InferenceSession(self.model.SerializeToString(), options,
                                                         providers=providers)
             except Exception as exc:
