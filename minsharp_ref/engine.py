@@ -46,7 +46,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def loss_hessian_sqrt(p: np.ndarray) -> np.ndarray:
     """A factor S with SᵀS = A = diag(p) − ppᵀ per sample, as (N, K − 1, K) signals.
 
-    Spec section 2 uses the K rows S_k = √p_k (e_k − p), which satisfy Σ_k √p_k S_k = 0. So
+    docs/method.md section 3 ("The S factorisation") uses the K rows S_k = √p_k (e_k − p), which satisfy Σ_k √p_k S_k = 0. So
     the row of the largest probability, m, is S_m = −Σ_{k≠m} v_k S_k with v_k = √(p_k/p_m),
     and with R the other K − 1 rows, A = Rᵀ(I + vvᵀ)R. Since (I + c vvᵀ)² = I + vvᵀ for
     c = 1/(1 + √(1 + ‖v‖²)), the K − 1 rows (I + c vvᵀ)R are an exact factor: one signal

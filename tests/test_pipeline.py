@@ -220,3 +220,44 @@ def test_no_module_imports_another_modules_private_names():
                     if a.name.startswith("_") and not a.name.startswith("__"):
                         offenders.append(f"{p.relative_to(ROOT)}: {a.name}")
     assert not offenders, offenders
+
+
+# -------------------------------------------------------------------------------- docs
+
+
+def test_documented_score_signature_is_the_real_one():
+    """docs/python-api.md's `score` block lists every parameter, in order, with its default."""
+    import inspect
+    import re
+
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    block = re.search(r"```python\nminsharp_ref\.score\((.*?)\) -> ScoreResult\n```", text, re.S)
+    assert block, "docs/python-api.md has no `minsharp_ref.score(...)` block"
+    documented = ast.parse(f"def score({block.group(1)}): pass").body[0].args
+    real = inspect.signature(minsharp_ref.score).parameters
+    names = [a.arg for a in documented.args + documented.kwonlyargs]
+    assert names == list(real)
+    defaults = dict(zip([a.arg for a in documented.kwonlyargs],
+                        [ast.literal_eval(d) for d in documented.kw_defaults]))
+    for name, value in defaults.items():
+        assert real[name].default == value, name
+
+
+def test_every_method_section_a_docstring_cites_exists():
+    """`docs/method.md section N` (and `sections N, M and K`) has a `## N.` heading, a quoted
+    title after it starts a heading or a bold paragraph; no docstring cites the spec."""
+    import re
+
+    method = (ROOT / "docs" / "method.md").read_text()
+    numbers = set(re.findall(r"^## (\d+)\. ", method, re.M))
+    titles = re.findall(r"^#+ (?:\d+\. )?(.+)$", method, re.M) + re.findall(r"^\*\*(.+?)\*\*", method, re.M)
+    missing = []
+    for p in (ROOT / "minsharp_ref").rglob("*.py"):
+        text = p.read_text()
+        for cited in re.findall(r"docs/method\.md,? §? ?sections? ([\d, and]+\d)", text):
+            missing += [f"{p.name}: section {n}" for n in re.findall(r"\d+", cited) if n not in numbers]
+        for title in re.findall(r'docs/method\.md[^"\n]{0,40}"([^"]+)"', text):
+            if not any(t.strip("`*. ").startswith(title) for t in titles):
+                missing.append(f'{p.name}: "{title}"')
+        missing += [f"{p.name}: cites the spec" for _ in re.findall(r"[Ss]pec section", text)]
+    assert not missing, missing
