@@ -16,7 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .ir import LayerBase, Network, is_parameterised
+from .errors import MinsharpError
+from .ir import InputAffine, LayerBase, Network, is_parameterised
+
+#: Layer types that no signal may pass through, refused by name when one would: the input's
+#: preprocessing (``InputAffine``) is supported only before the first parameterised layer.
+NO_BACKWARD_RULE = (InputAffine,)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,11 @@ def traversal_plan(network: Network) -> Plan:
         return tuple(out)
 
     backward = steps(reversed(visited))
+    for step in backward:
+        if step.passes_back and isinstance(step.layer, NO_BACKWARD_RULE):
+            node = step.layer.nodes[0] if step.layer.nodes else "?"
+            raise MinsharpError(f"{type(step.layer).__name__} (node {node}) after a "
+                                "parameterised layer is not supported: no signal passes it")
     readers: dict[str, int] = {}
     for step in backward:
         for name, s in zip(step.layer.inputs, step.sends):

@@ -261,3 +261,56 @@ def test_every_method_section_a_docstring_cites_exists():
                 missing.append(f'{p.name}: "{title}"')
         missing += [f"{p.name}: cites the spec" for _ in re.findall(r"[Ss]pec section", text)]
     assert not missing, missing
+
+
+def test_every_layer_type_has_a_rule_in_every_dispatch_table():
+    """Each IR layer class has its forward, its back-propagation rule in both engines (or
+    is refused by name: ``plan.NO_BACKWARD_RULE``), the trace graph's forward, and, when
+    parameterised, the measure rules of both engines (traces and diagonal)."""
+    import importlib
+    import typing
+
+    from minsharp_ref import engine, ir
+    from minsharp_ref.plan import NO_BACKWARD_RULE
+
+    tg = {name: getattr(importlib.import_module(f"minsharp_ref.trace_graph.{name}"), name)
+          for name in ("forward", "backward", "measure")}
+
+    def subclasses(cls):
+        return {cls} | {s for c in cls.__subclasses__() for s in subclasses(c)}
+
+    classes = (subclasses(ir.LayerBase) - {ir.LayerBase}) | set(typing.get_args(ir.Layer))
+    classes = {c for c in classes if c.__module__ == "minsharp_ref.ir"}  # not tests' odd layers
+    params = set(typing.get_args(ir.ParamLayer))
+    missing = []
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        tables = {"ir forward": "forward" in vars(cls), "trace_graph forward": cls in tg["forward"].registry}
+        if not issubclass(cls, NO_BACKWARD_RULE):
+            tables["engine backprop"] = cls in engine.backprop.registry
+            tables["trace_graph backward"] = cls in tg["backward"].registry
+        if cls in params:
+            tables["engine measure"] = cls in engine.measure.registry
+            tables["engine measure_diagonal"] = cls in engine.measure_diagonal.registry
+            tables["trace_graph measure"] = cls in tg["measure"].registry
+        assert (cls in params) == ir.is_parameterised(object.__new__(cls)), cls
+        missing += [f"{cls.__name__}: {t}" for t, ok in tables.items() if not ok]
+    assert not missing, missing
+    assert set(typing.get_args(ir.Layer)) == classes
+
+
+def test_a_layer_without_a_backward_rule_is_refused_by_name():
+    """An input affine map after the first dense layer: the plan names it."""
+    from dataclasses import replace
+
+    from minsharp_ref.ir import Dense, InputAffine
+    from minsharp_ref.plan import traversal_plan
+
+    network = import_model(FIXTURES / "mlp_torchscript.onnx").network
+    i = next(i for i, l in enumerate(network.layers) if isinstance(l, Dense))
+    dense = network.layers[i]
+    affine = InputAffine(dense.output_name, dense.output_name + "_scaled", ("odd_affine",))
+    layers = list(network.layers)
+    layers[i + 1] = replace(layers[i + 1], input_name=affine.output_name)
+    layers.insert(i + 1, affine)
+    with pytest.raises(MinsharpError, match=r"InputAffine \(node odd_affine\) after a parameterised"):
+        traversal_plan(replace(network, layers=tuple(layers)))
