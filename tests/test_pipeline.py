@@ -314,3 +314,36 @@ def test_a_layer_without_a_backward_rule_is_refused_by_name():
     layers.insert(i + 1, affine)
     with pytest.raises(MinsharpError, match=r"InputAffine \(node odd_affine\) after a parameterised"):
         traversal_plan(replace(network, layers=tuple(layers)))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "onnxruntime"])
+def test_an_onnxruntime_that_cannot_load_the_model_is_a_warning_in_both_engines(monkeypatch, engine):
+    """The import-fidelity check needs onnxruntime to run the model itself; when it cannot,
+    both engines score and warn (the trace graph is built from the IR, not the model)."""
+    from minsharp_ref import runtime
+    from minsharp_ref.runtime import OrtUnavailable
+
+    def refuse(*args, **kwargs):
+        raise OrtUnavailable("onnxruntime cannot load the model: NOT_IMPLEMENTED odd op")
+
+    monkeypatch.setattr(runtime.OrtForward, "__init__", refuse)
+    result = minsharp_ref.score(FIXTURES / "mlp_torchscript.onnx", MNIST, mean=[0.5], std=[0.5],
+                                limit=40, engine=engine)
+    assert result.fidelity["max_scaled_difference"] is None
+    assert result.warnings == ("import fidelity not checked: onnxruntime cannot load the model: "
+                               "NOT_IMPLEMENTED odd op",)
+
+
+def test_invariance_labels_the_parametrisation_of_each_number(tmp_path):
+    """BatchNorm: the naive trace is the original parametrisation's, minimum sharpness the
+    folded one's; the report and the JSON say so."""
+    out = tmp_path / "inv.json"
+    r = runner.invoke(app, ["invariance", str(FIXTURES / "resnet_bn_torchscript.onnx"), "--data",
+                            str(MNIST), "--mean", "0.5", "--std", "0.5", "--limit", "8",
+                            "--trials", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "(original parametrisation; folded: " in r.output
+    assert "(over the folded parametrisation)" in r.output
+    doc = json.loads(out.read_text())
+    assert doc["parametrisation"] == {"trace": "original", "minimum_sharpness": "folded"}
+    assert doc["forward"] == "numpy-float64" and doc["base"]["folded_trace"] > 0
