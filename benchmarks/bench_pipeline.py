@@ -99,6 +99,8 @@ def compare(models: list[str], methods: list[str], samples: int, rounds: int,
                         print(out.stderr.strip().splitlines()[-1], file=sys.stderr)
                         continue
                     r = json.loads(out.stdout.strip().splitlines()[-1])
+                    print(f"  {model} {method} workers {w or '-'}: wall {r['wall']:.3f} s, "
+                          f"CPU {r['cpu']:.3f} s", flush=True)
                     key = (model, method, w)
                     old = best.get(key)
                     best[key] = r if old is None or r["wall"] < old["wall"] else \

@@ -194,12 +194,16 @@ def in_order(pool: ThreadPoolExecutor, fn: Callable, xs: Iterable, workers: int)
     """``fn`` over ``xs`` on ``pool``, ``workers`` at a time (and the next batch read while
     they run), the results yielded in the order of ``xs``."""
     pending: deque = deque()
-    for x in xs:
-        pending.append(pool.submit(fn, x))
-        if len(pending) > workers:
+    try:
+        for x in xs:
+            pending.append(pool.submit(fn, x))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:  # an error stops the run: the batches not started yet are not run
+        for future in pending:
+            future.cancel()
 
 
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
