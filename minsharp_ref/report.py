@@ -207,7 +207,8 @@ def score_blocks(doc: dict) -> list[Block]:
     fidelity = doc.get("fidelity", {})
     fid = fidelity.get("max_scaled_difference")
     checked = "not checked" if fid is None else f"{fid:.2g}"
-    blocks.append(f"forward: {doc.get('provider')}; import fidelity {checked} "
+    forward = doc.get("forward") or doc.get("provider")
+    blocks.append(f"forward: {forward}, signals {doc.get('precision')}; import fidelity {checked} "
                   f"(tolerance {fidelity.get('tolerance', math.nan):g})")
     blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
     if doc.get("engine_check"):
@@ -357,12 +358,20 @@ def verify_blocks(notes: list[str], cells: list[list[str]], summary: str) -> lis
 def invariance_blocks(result, samples: int) -> list[Block]:
     rows = [[str(i + 1), f"{t.trace:.6g}", f"{t.minimum_sharpness:.15g}", f"{t.deviation:.2g}",
              ",".join(f"{a:.3g}" for a in t.alpha)] for i, t in enumerate(result.trials)]
+    folded = getattr(result, "base_folded_trace", None)
+    if folded is None:
+        trace_head = "naive Tr H"
+        unscaled = (f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
+                    f"{result.base_minimum_sharpness:.15g}")
+    else:  # BatchNorm: the naive traces are the original's, MS is the folded network's
+        trace_head = "naive Tr H (original)"
+        unscaled = (f"unscaled: naive trace {result.base_trace:.6g} (original parametrisation; "
+                    f"folded: {folded:.6g}), minimum sharpness "
+                    f"{result.base_minimum_sharpness:.15g} (over the folded parametrisation)")
     blocks: list[Block] = [
-        Table(["trial", "naive Tr H", "min. sharpness", "rel. dev.", "alpha"], rows,
+        Table(["trial", trace_head, "min. sharpness", "rel. dev.", "alpha"], rows,
               frozenset({0, 1, 2, 3})),
-        f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
-        f"{result.base_minimum_sharpness:.15g} ({result.provider}, {samples} samples, "
-        f"{result.loss_kind} loss)"]
+        f"{unscaled} ({result.provider}, {samples} samples, {result.loss_kind} loss)"]
     if result.falsifying_alpha is not None:
         blocks.append("minimal failing alpha (shrunk by hypothesis): "
                       + ",".join(f"{a:.6g}" for a in result.falsifying_alpha))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..engine import signal_tensors, tensor_columns
+from ..engine import tensor_columns
 from ..errors import MinsharpError
 from ..group import folded_view
 from ..ir import LeakyRelu, MaxPool2d, Network, Relu, is_parameterised
@@ -25,6 +25,7 @@ from .context import Context
 from .forward import forward
 from .loss import LOSS_HEADS
 from .measure import measure
+from ..plan import traversal_plan
 
 #: names of the graph's inputs and outputs (docs/trace-graph.md)
 INPUT, TRACES, LOGITS, DIAGONAL_PREFIX = "input", "traces", "logits", "diagonal:"
@@ -32,7 +33,7 @@ INPUT, TRACES, LOGITS, DIAGONAL_PREFIX = "input", "traces", "logits", "diagonal:
 
 def check_supported(network: Network) -> None:
     """Refuse, in one line, networks with a layer type or loss without a rule here."""
-    needs = signal_tensors(network)
+    needs = traversal_plan(network).carriers
     for layer in network.layers:
         kind = type(layer)
         missing = kind not in forward.registry or (
@@ -106,23 +107,22 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     keep = {layer.output_name for layer in layers[len(network.param_layers):]}  # folded view's
     at: dict[str, str] = {network.logits_name: signals}  # tensor name → pending signals
     kept: dict[str, str] = {}
-    needs = signal_tensors(network)
     measured = {}
     ctx.fused_activations.update(foldable_activations(network))
-    for layer in reversed(network.layers):
-        g = at.pop(layer.output_name, None)
-        if g is None:
-            continue
+    for step in traversal_plan(network).backward_steps:
+        layer = step.layer
+        g = at.pop(step.output)
         if layer.output_name in keep:
             kept[layer.output_name] = g
-        if is_parameterised(layer):
+        if step.param_index is not None:
             measured[id(layer)] = measure(layer, ctx, g, diagonal)
-        if not any(name in needs for name in layer.inputs):
+        if not step.passes_back:
             continue
         out = backward(layer, ctx, g)
-        for name, part in zip(layer.inputs, out if isinstance(out, tuple) else (out,)):
-            if name in needs:  # fan-out: the sum over the tensor's readers
-                at[name] = b.node("Add", [at[name], part], "signal") if name in at else part
+        for name, part, sends, first in zip(layer.inputs, out if isinstance(out, tuple) else (out,),
+                                            step.sends, step.first_send):
+            if sends:  # fan-out: the sum over the tensor's readers
+                at[name] = part if first else b.node("Add", [at[name], part], "signal")
     for layer in layers:  # the folded view's own layers (the others are measured above)
         if id(layer) not in measured:
             measured[id(layer)] = measure(layer, ctx, kept[layer.output_name], False)

@@ -8,10 +8,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..scoring import ENGINE_WORKERS
 from ..errors import MinsharpError, first_line
 from ..ir import Network
-from ..runtime import PROVIDERS, _quiet_stderr, cuda_error, cuda_usable
+from ..runtime import PROVIDERS, quiet_stderr, cuda_error, cuda_usable
 from . import DIAGONAL_PREFIX, INPUT, LOGITS, TRACES, build_trace_graph
 from .export import DTYPES
 
@@ -37,12 +36,13 @@ class TraceGraphRunner:
     for every op, else the float32 graph (``warning`` says so); ``precision`` is then what
     actually ran. Calling it on a batch returns (per-sample traces (N, T) float64, logits
     (N, K) float64, diagonal batch sums or None). It may be called from several threads at
-    once (each gets its own I/O binding): on the CPU, two single-threaded runs side by side
-    beat one run on two threads, whose workers wait for each other after every node.
+    once (each gets its own I/O binding): on the CPU, ``workers`` single-threaded runs side
+    by side beat one run on that many threads, whose threads wait for each other after
+    every node; on CUDA one run at a time (``workers`` is then 1).
     """
 
     def __init__(self, network: Network, provider: str = "auto", precision: str = "float32",
-                 diagonal: bool = False):
+                 diagonal: bool = False, workers: int = 1):
         import onnxruntime as ort
 
         if precision not in DTYPES:
@@ -53,7 +53,7 @@ class TraceGraphRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # CUDA: one run at a time on the device; CPU: one single-threaded run per worker
-        self.workers = 1 if self.provider == "cuda" else ENGINE_WORKERS
+        self.workers = 1 if self.provider == "cuda" else workers
         options.intra_op_num_threads = 0 if self.provider == "cuda" else 1
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
                      else ["CPUExecutionProvider"])
@@ -61,7 +61,7 @@ class TraceGraphRunner:
         for p in tried:
             self.model = build_trace_graph(network, DTYPES[p], diagonal)
             try:
-                with _quiet_stderr():
+                with quiet_stderr():
                     self.session = ort.InferenceSession(self.model.SerializeToString(), options,
                                                         providers=providers)
             except Exception as exc:
