@@ -30,6 +30,33 @@ def resolve_provider(provider: str) -> str:
     return provider
 
 
+#: Graphs with at most this many nodes get onnxruntime's full graph optimisation
+#: (ORT_ENABLE_ALL: about 10% faster runs on the fixtures, for 0.03–0.2 s of session
+#: time); larger graphs none (densenet121's 8,311 nodes: 2.4 s of session against 10.5 s,
+#: runs as fast). ``benchmarks/bench_graph_setup.py`` measures both.
+OPTIMISE_NODES = 2000
+
+
+def session_options(provider: str, model):
+    """onnxruntime's session options for the trace graph ``model`` on ``provider`` ('cuda'
+    or 'cpu'). The set-up cost of a large graph (docs/method.md section 11, "Set-up"): no
+    memory reuse plan (its planning is super-linear in the graph's values: 53 of
+    densenet121's 57 s of session; the arena still reuses freed buffers, and peak memory
+    measured the same), and full graph optimisation only up to OPTIMISE_NODES nodes, none
+    above. CUDA: one run at a time on the device, all threads; CPU: one single-threaded run
+    per engine worker."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_mem_reuse = False
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = (level.ORT_ENABLE_ALL if len(model.graph.node) <= OPTIMISE_NODES
+                                        else level.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = 0 if provider == "cuda" else 1
+    return options
+
+
 class TraceGraphRunner:
     """The trace graph of a network in one onnxruntime session.
 
@@ -50,11 +77,8 @@ class TraceGraphRunner:
         self.provider = resolve_provider(provider)
         self.network = network
         self.warning: Optional[str] = None
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         # CUDA: one run at a time on the device; CPU: one single-threaded run per worker
         self.workers = 1 if self.provider == "cuda" else ENGINE_WORKERS
-        options.intra_op_num_threads = 0 if self.provider == "cuda" else 1
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
                      else ["CPUExecutionProvider"])
         tried = [precision] if precision == "float32" else ["float64", "float32"]
@@ -62,8 +86,9 @@ class TraceGraphRunner:
             self.model = build_trace_graph(network, DTYPES[p], diagonal)
             try:
                 with _quiet_stderr():
-                    self.session = ort.InferenceSession(self.model.SerializeToString(), options,
-                                                        providers=providers)
+                    self.session = ort.InferenceSession(
+                        self.model.SerializeToString(), session_options(self.provider, self.model),
+                        providers=providers)
             except Exception as exc:
                 if p == "float32":
                     raise MinsharpError(f"onnxruntime cannot run the trace graph: "
