@@ -7,8 +7,10 @@ round by round:
   in the nodes that share a stem) against now (resumed per stem); the graphs are
   byte-identical (checked);
 - session: onnxruntime's defaults (ORT_ENABLE_ALL, memory reuse plan) against the runner's
-  options (``runner.session_options``: no memory reuse plan; full optimisation up to
-  ``runner.OPTIMISE_NODES`` nodes, none above);
+  settings (``runner.session_settings``: no memory reuse plan; every optimiser up to
+  ``runner.OPTIMISE_NODES`` nodes, only ``runner.KEPT_OPTIMISERS`` above);
+- accuracy: the largest deviation of the engine check (``certificate.certify``) of each
+  session's traces against the float64 NumPy engine on the batch;
 - run: one batch of ``--batch`` samples in each session (the set-up must not cost run
   time), fastest of three runs per round and of the rounds.
 
@@ -36,6 +38,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from minsharp_ref.api import score_arrays  # noqa: E402
+from minsharp_ref.certificate import RTOL, Reference, certify, column_groups  # noqa: E402
+from minsharp_ref.engine import tensor_columns  # noqa: E402
+from minsharp_ref.group import folded_view  # noqa: E402
+from minsharp_ref.scoring import reference_traces  # noqa: E402
 from minsharp_ref.onnx_import import import_model  # noqa: E402
 from minsharp_ref.trace_graph import build_trace_graph  # noqa: E402
 from minsharp_ref.trace_graph import runner  # noqa: E402
@@ -77,26 +83,33 @@ def session(model, old: bool):
     import onnxruntime as ort
 
     if old:
-        options = ort.SessionOptions()
+        options, disabled = ort.SessionOptions(), []
         options.log_severity_level = 3
         options.intra_op_num_threads = 1
     else:
-        options = runner.session_options("cpu", model)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        options, disabled = runner.session_settings("cpu", model)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
 
 
 def measure(path: Path, rounds: int, batch: int, score: bool):
     imported = import_model(path)
     network = imported.network
     x = np.random.default_rng(0).random((batch, *network.input_shape))
-    best = {}
-    graphs = {}
+    best, graphs, deviation = {}, {}, {}
+    logits, inputs = network.forward(x, keep_inputs=True)
+    folded = folded_view(network)
+    parts = [tensor_columns(network)] + ([] if folded is None else [tensor_columns(folded)])
+    reference = Reference(reference_traces(network, logits, inputs),
+                          tuple(name for part in parts for _, _, name in part),
+                          column_groups([len(part) for part in parts]))
     for _ in range(rounds):
         for old in (True, False):
             tb, graph = timed(lambda: build(network, old))
             ts, sess = timed(lambda: session(graph, old))
             tr = min(timed(lambda: sess.run(None, {"input": x.astype(np.float32)}))[0]
                      for _ in range(3))
+            deviation[old] = certify(reference, sess.run(None, {"input": x.astype(np.float32)})[0])
             graphs[old] = hashlib.sha256(graph.SerializeToString()).hexdigest()
             for key, value in (("build", tb), ("session", ts), ("run", tr)):
                 best[key, old] = min(best.get((key, old), np.inf), value)
@@ -105,11 +118,13 @@ def measure(path: Path, rounds: int, batch: int, score: bool):
     before = best["build", True] + best["session", True]
     after = best["build", False] + best["session", False]
     print(f"{path.stem}: {len(network.param_layers)} parameterised layers, {nodes} graph nodes "
-          f"({'full' if nodes <= runner.OPTIMISE_NODES else 'no'} optimisation after)")
+          f"({'all' if nodes <= runner.OPTIMISE_NODES else 'the kept'} optimisers after)")
     for key in ("build", "session", "run"):
         b, a = best[key, True], best[key, False]
         print(f"  {key:8s} before {b:8.3f} s  after {a:8.3f} s  after/before {a / b:6.3f}")
     print(f"  set-up   before {before:8.3f} s  after {after:8.3f} s  after/before {after / before:6.3f}")
+    print(f"  engine check deviation before {deviation[True].worst.deviation:.2g}, after "
+          f"{deviation[False].worst.deviation:.2g} (tolerance {RTOL:g})")
     if score:
         tn, _ = timed(lambda: score_arrays(imported, x, provider="numpy"))
         to, _ = timed(lambda: score_arrays(imported, x, provider="cpu", engine="onnxruntime"))
