@@ -66,3 +66,29 @@ def test_large_graph_settings_score_as_the_numpy_engine(monkeypatch):
     assert_close(per_tensor(fast), per_tensor(ref), 1e-5)
     assert_close(per_tensor_of(fast.folded["layers"]), per_tensor_of(ref.folded["layers"]), 1e-5)
     assert fast.minimum_sharpness == pytest.approx(ref.minimum_sharpness, rel=1e-5)
+
+
+def test_overlapping_quiet_stderr_restores_stderr():
+    """The session is built (stderr silenced) while the first-batch checks build theirs on
+    another thread: A silences, B silences, A restores, B restores. Without one redirection
+    at a time B restored A's sink and stderr (the `error: …` line included) stayed lost."""
+    import os
+    import threading
+    import time
+
+    from minsharp_ref.runtime import _quiet_stderr
+
+    def silenced(delay, hold):
+        time.sleep(delay)
+        with _quiet_stderr():
+            time.sleep(hold)
+
+    before = os.fstat(2)
+    threads = [threading.Thread(target=silenced, args=(0.0, 0.2)),
+               threading.Thread(target=silenced, args=(0.1, 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
