@@ -121,12 +121,13 @@ class Certificate:
                  f"trace, or of {FLOOR:.3g} × the total trace for a tensor below that share")
         if t.deviation > RTOL:
             return (f"engine check failed: the onnxruntime engine's per-tensor traces differ "
-                    f"from the float64 NumPy engine's by {t.deviation:.3g} (relative, {where}; "
-                    f"worst tensor {t.name!r}, {t.share:.2g} of the total); use --engine numpy")
+                    f"from the float64 NumPy engine's by {_round2(t.deviation):.3g} "
+                    f"(relative, {where}; worst tensor {t.name!r}, {t.share:.2g} of the "
+                    f"total); use --engine numpy")
         return (f"engine check failed: the onnxruntime engine's trace of {t.name!r} "
                 f"({t.share:.2g} of the total, below the floor) differs from the float64 NumPy "
-                f"engine's by {t.relative_deviation:.3g} of itself (limit {FLOORED_LIMIT:g}, "
-                f"on the first {self.samples} samples); use --engine numpy")
+                f"engine's by {_round2(t.relative_deviation):.3g} of itself (limit "
+                f"{FLOORED_LIMIT:g}, on the first {self.samples} samples); use --engine numpy")
 
 
 def certify(reference: Reference, fast: np.ndarray) -> Certificate:
