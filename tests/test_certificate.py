@@ -21,6 +21,7 @@ from minsharp_ref.certificate import FLOOR, FLOORED_LIMIT, RTOL, Reference, cert
 from minsharp_ref.engine import per_sample_traces, tensor_columns
 from minsharp_ref.errors import MinsharpError
 from minsharp_ref.onnx_import import ImportedModel, convert
+from minsharp_ref.report import engine_line
 
 from oracle import build, data
 
@@ -144,6 +145,10 @@ def test_vanishing_signals_pass_with_values_right(vanishing):
     assert check["worst_floored"]["tensor"] == names[int(np.argmax(own[:4]))]
     assert check["worst_floored"]["relative_deviation"] == pytest.approx(own[:4].max(), rel=0.05)
     assert check["worst"]["share"] < 1 and check["samples"] == 64
+    line = engine_line({"engine": "onnxruntime", "provider": "cpu", "precision": "float32",
+                        "engine_check": check})
+    assert line.endswith("(tolerance 0.0001; 4 tensors below 1.2e-07 of the total trace "
+                         "judged against that floor)")
 
 
 def _corrupt(monkeypatch, column: int, factor: float):
