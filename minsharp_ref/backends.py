@@ -23,7 +23,8 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import bytes_per_sample, per_sample_traces
+from .certificate import RTOL, Reference, certify, column_groups
+from .engine import bytes_per_sample, per_sample_traces, tensor_columns
 from .errors import MinsharpError
 from .folded_traces import traces_with_folded
 from .group import folded_inputs, folded_view
@@ -37,9 +38,9 @@ from .runtime import NumpyForward, OrtUnavailable, check_fidelity, make_forward
 FIDELITY_SAMPLES = 64
 #: At most this many samples of the first batch (all of it when smaller) are re-scored by
 #: the float64 NumPy engine to certify a fast run, and the largest relative deviation of a
-#: per-tensor trace it accepts (``compare_traces``).
+#: per-tensor trace it accepts (``compare_traces``; below the floor, see certificate.py).
 ENGINE_CHECK_SAMPLES = 64
-ENGINE_CHECK_RTOL = 1e-4
+ENGINE_CHECK_RTOL = RTOL
 DTYPES = {"float64": np.float64, "float32": np.float32}
 
 
@@ -223,7 +224,8 @@ def first_batch_checks(imported: ImportedModel, x: np.ndarray, fidelity: bool) -
     """The onnxruntime engine's checks of its first batch ``x``, from one float64 forward
     of its first samples: with ``fidelity`` the import-fidelity check of its first
     FIDELITY_SAMPLES samples, and ``reference_traces`` of its first ENGINE_CHECK_SAMPLES
-    samples (in ``engine_check["reference"]`` until ``compare_traces`` replaces it)."""
+    samples with their column names and parametrisations (a ``certificate.Reference``, in
+    ``engine_check["reference"]`` until ``compare_traces`` replaces it)."""
     network = imported.network
     m = max(FIDELITY_SAMPLES, ENGINE_CHECK_SAMPLES)
     logits, inputs = network.forward(x[:m], keep_inputs=True)
@@ -232,8 +234,12 @@ def first_batch_checks(imported: ImportedModel, x: np.ndarray, fidelity: bool) -
         f = FIDELITY_SAMPLES
         fidelity_or_warning(imported, x[:f], logits[:f], None, checks)
     e = ENGINE_CHECK_SAMPLES
-    checks.engine_check = {"reference": reference_traces(
-        network, logits[:e], [None if a is None else a[:e] for a in inputs])}
+    ref = reference_traces(network, logits[:e], [None if a is None else a[:e] for a in inputs])
+    folded = folded_view(network)
+    parts = [tensor_columns(network)] + ([] if folded is None else [tensor_columns(folded)])
+    checks.engine_check = {"reference": Reference(
+        ref, tuple(name for part in parts for _, _, name in part),
+        column_groups([len(part) for part in parts]))}
     return checks
 
 
@@ -252,23 +258,12 @@ def reference_traces(network: Network, logits: np.ndarray, inputs: list) -> np.n
 
 
 def compare_traces(checks: Future, traces: np.ndarray) -> dict:
-    """The fast engine's certificate: the largest relative deviation of a per-tensor trace
-    (mean over the samples that ``checks``, the future of ``first_batch_checks``, scored
-    with the float64 NumPy engine; ``traces`` holds the fast engine's for the same samples
-    first), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose
-    reference trace is 0 counts its absolute deviation relative to the total)."""
-    per_sample = checks.result().engine_check["reference"]
-    m = len(per_sample)
-    ref = per_sample.mean(axis=0)
-    fast = traces[:m].mean(axis=0)
-    scale = np.where(ref != 0, np.abs(ref), max(float(np.abs(ref).sum()), np.finfo(float).tiny))
-    deviation = float(np.max(np.abs(fast - ref) / scale))
-    # rounded to 2 significant digits: a diagnostic that must not depend on thread timing
-    deviation = float(f"{deviation:.2g}")
-    if not deviation <= ENGINE_CHECK_RTOL:
-        raise MinsharpError(f"engine check failed: the onnxruntime engine's per-tensor traces "
-                            f"differ from the float64 NumPy engine's by {deviation:.3g} "
-                            f"(relative, on the first {m} samples; "
-                            f"tolerance {ENGINE_CHECK_RTOL:g}); use --engine numpy")
-    return {"max_relative_deviation": deviation, "samples": int(m),
-            "tolerance": ENGINE_CHECK_RTOL}
+    """The fast engine's certificate (``certificate.certify``, docs/method.md section 11):
+    the per-tensor traces of the fast engine (``traces``, the samples that ``checks``, the
+    future of ``first_batch_checks``, scored with the float64 NumPy engine, first), each
+    within ENGINE_CHECK_RTOL of its reference trace or, below the floor share of its
+    parametrisation's total trace, of the floor; the ``engine_check`` dict, or an error."""
+    certificate = certify(checks.result().engine_check["reference"], traces)
+    if certificate.failed is not None:
+        raise MinsharpError(certificate.message())
+    return certificate.as_dict()

@@ -190,9 +190,12 @@ def _stderr(value: Optional[float]) -> str:
 def engine_line(doc: dict) -> str:
     """The onnxruntime engine and its certification against the float64 NumPy engine."""
     check = doc["engine_check"]
+    floored = check.get("floored_tensors") or 0
+    below = (f"; {floored} tensor{'s' * (floored > 1)} below {check['floor']:.2g} of the total "
+             f"trace judged against that floor" if floored else "")
     return (f"engine: {doc['engine']} ({doc['provider']}, {doc['precision']}); engine check "
             f"{check['max_relative_deviation']:.2g} against the float64 NumPy engine on "
-            f"{check['samples']} samples (tolerance {check['tolerance']:g})")
+            f"{check['samples']} samples (tolerance {check['tolerance']:g}{below})")
 
 
 def score_blocks(doc: dict) -> list[Block]:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 from typing import Optional
 
 import numpy as np
@@ -28,10 +29,21 @@ class OrtUnavailable(MinsharpError):
     """onnxruntime cannot load or run the model."""
 
 
+#: One redirection of the process's file descriptors at a time: two threads that overlap
+#: (the onnxruntime engine builds its session while its first-batch checks build theirs)
+#: would otherwise restore each other's sink, and stderr stays lost for good.
+_QUIET_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def quiet_stderr(capture: Optional[list] = None):
     """Silence native-library logging on file descriptor 2 (CUDA probe error spam); with
     ``capture``, also file descriptor 1, and append what was written to the list."""
+    with _QUIET_LOCK:
+        yield from _redirected(capture)
+
+
+def _redirected(capture: Optional[list]):
     fds = (1, 2) if capture is not None else (2,)
     try:
         saved = [os.dup(fd) for fd in fds]

@@ -245,12 +245,12 @@ def test_documented_score_signature_is_the_real_one():
 
 def test_every_method_section_a_docstring_cites_exists():
     """`docs/method.md section N` (and `sections N, M and K`) has a `## N.` heading, a quoted
-    title after it starts a heading or a bold paragraph; no docstring cites the spec."""
+    title after it starts a heading, a bold paragraph or a bold list item; no docstring cites the spec."""
     import re
 
     method = (ROOT / "docs" / "method.md").read_text()
     numbers = set(re.findall(r"^## (\d+)\. ", method, re.M))
-    titles = re.findall(r"^#+ (?:\d+\. )?(.+)$", method, re.M) + re.findall(r"^\*\*(.+?)\*\*", method, re.M)
+    titles = re.findall(r"^#+ (?:\d+\. )?(.+)$", method, re.M) + re.findall(r"^(?:- )?\*\*(.+?)\*\*", method, re.M)
     missing = []
     for p in (ROOT / "minsharp_ref").rglob("*.py"):
         text = p.read_text()
