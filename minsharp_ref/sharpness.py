@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from scipy import sparse
 
 MAX_ITERATIONS = 500
 
@@ -97,16 +98,31 @@ def exponent_terms(layer_in, layer_out, t, u, size: int):
 
 
 def _objective(rows, coefs, ell):
-    """F(ℓ) = Σ_j c_j e^{a_j·ℓ}, its gradient and Hessian."""
+    """F(ℓ) = Σ_j c_j e^{a_j·ℓ}, its gradient and Hessian (sparse when ``rows`` is)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a too-long trial step gives inf: rejected
         w = coefs * np.exp(rows @ ell)
+    if sparse.issparse(rows):
+        return w.sum(), rows.T @ w, (rows.T @ sparse.diags(w) @ rows).tocsc()
     return w.sum(), rows.T @ w, (rows.T * w) @ rows
+
+
+def _newton_step(hess, grad) -> np.ndarray:
+    """The Newton step: least squares on a dense Hessian (it may be singular); a sparse
+    solve on a sparse one, which the caller makes positive definite (the neuron-wise
+    problem, docs/method.md section 13: a grounded weighted Laplacian)."""
+    if sparse.issparse(hess):
+        from scipy.sparse.linalg import spsolve
+
+        return np.asarray(spsolve(hess, -grad, permc_spec="MMD_AT_PLUS_A"))
+    return np.linalg.lstsq(hess, -grad, rcond=None)[0]
 
 
 def minimise_exponential_sum(rows, coefs, ell):
     """Damped Newton on the convex F(ℓ) = Σ_j c_j e^{a_j·ℓ}, with least-squares steps (a
     singular Hessian: directions on which F is constant, or along which it decays to an
-    unattained infimum). It stops once the predicted decrease is below F's rounding, or the
+    unattained infimum). ``rows`` is a dense array (layer-wise, docs/method.md section 9) or
+    a scipy.sparse matrix with a positive definite Hessian (neuron-wise, section 13: each
+    row couples two units; the steps are sparse solves). It stops once the predicted decrease is below F's rounding, or the
     line search finds no representable decrease; then one full step polishes ℓ (quadratic
     convergence), kept when it lowers the gradient, so that traces that differ in the last
     bits give ℓ* that differ in the last bits. Returns (ℓ, relative gradient norm,
@@ -118,13 +134,13 @@ def minimise_exponential_sum(rows, coefs, ell):
 
     def polished(ell, grad, hess, f, it):
         rel = float(np.linalg.norm(grad) / f)
-        step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
+        step = _newton_step(hess, grad)
         f_new, grad_new, _ = _objective(rows, coefs, ell + step)
         rel_new = float(np.linalg.norm(grad_new) / f_new) if np.isfinite(f_new) else rel
         return (ell + step, rel_new, it + 1, True) if rel_new < rel else (ell, rel, it, True)
 
     for it in range(MAX_ITERATIONS):
-        step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
+        step = _newton_step(hess, grad)
         decrement = float(-grad @ step)  # Newton decrement²: twice the predicted gain
         if decrement <= 1e-20 * f:
             return polished(ell, grad, hess, f, it)
