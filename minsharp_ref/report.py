@@ -255,6 +255,8 @@ def score_blocks(doc: dict) -> list[Block]:
         blocks.append("traces at alpha*" + (" (folded)" if doc.get("folded") else "") + "     " + ", ".join(
             f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
             for l in m["traces_at_alpha"] if l["weight"] is not None))
+        if m.get("neuron_minimum_sharpness"):
+            blocks.append(Strong(neuron_line(m["neuron_minimum_sharpness"])))
     base = doc.get("baseline")
     if base:
         blocks += ["", f"baseline {base['path']} (sha256 {base['sha256'][:12]}, model sha256 "
@@ -263,6 +265,17 @@ def score_blocks(doc: dict) -> list[Block]:
         blocks += ["", gate_table(doc["gates"])]
         blocks += [f"note: {g['note']}" for g in doc["gates"] if g.get("note")]
     return blocks
+
+
+def neuron_line(n: dict) -> str:
+    """The neuron-wise minimum sharpness (docs/method.md section 13) in one line."""
+    se = n.get("stderr")
+    solver = n.get("solver", {})
+    how = (f"{solver.get('iterations')} Newton steps, {solver.get('seconds', 0):.3g} s"
+           if n.get("attained") else
+           f"infimum, not attained: {solver.get('dropped_terms')} terms vanish only in the limit")
+    return (f"neuron-wise min. sharpness {n['value']:.8g}" + (f"  (± {se:.2g} s.e.)" if se is not None else "")
+            + f"  [{n['units']} units, {n['free_units']} free; {how}]")
 
 
 def _noise(c: dict) -> str:
@@ -329,6 +342,9 @@ def score_markdown(doc: dict) -> str:
     else:
         lines += markdown_table(Table(["", "value"], [[labels[q], v] for q, v in values.items()],
                                       frozenset({1})))
+    neuron = (doc.get("measures") or {}).get("neuron_minimum_sharpness")
+    if neuron:
+        lines += ["", neuron_line(neuron).replace("neuron-wise", "Neuron-wise", 1) + "."]
     lines.append("")
     lines += markdown_table(layer_table(doc))
     if doc.get("gates"):
