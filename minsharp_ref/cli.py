@@ -239,6 +239,10 @@ def rescale(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    to_neuron_minimum: bool = typer.Option(False, "--to-neuron-minimum", help="Rescale every unit/channel to the minimiser of the neuron-wise minimum sharpness on --data (docs/method.md section 13): the written model's naive trace is that value."),
+    limit: Optional[int] = typer.Option(None, help="With --to-neuron-minimum: use only the first N samples of --data."),
+    provider: str = typer.Option("auto", help="With --to-neuron-minimum: the forward, as for score (auto | cuda | cpu | numpy)."),
+    engine: str = typer.Option("numpy", "--engine", help="With --to-neuron-minimum: numpy | onnxruntime, as for score."),
 ):
     """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
     networks with branches or BatchNorm: --random or --alpha per class over the group of docs/method.md section 9).
@@ -263,12 +267,16 @@ def rescale(
         network = imported.network
         rng = np.random.default_rng(seed)
         chosen = [name for name, on in (("--alpha", alpha is not None), ("--random", random),
-                                        ("--neurons", neurons)) if on]
+                                        ("--neurons", neurons),
+                                        ("--to-neuron-minimum", to_neuron_minimum)) if on]
         if len(chosen) != 1:
-            raise MinsharpError("give exactly one of --alpha, --random or --neurons")
+            raise MinsharpError("give exactly one of --alpha, --random, --neurons or --to-neuron-minimum")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
+        if to_neuron_minimum:
+            params, what = _neuron_minimum(imported, data, split, x_key, mean, std, limit,
+                                           provider, engine)
+        elif uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
             if neurons or normalize:
                 raise MinsharpError("this network has branches or BatchNorm: --random, or "
                                     "--alpha with one scale per class of tied tensors")
@@ -300,6 +308,28 @@ def rescale(
         return 0
 
     run_guarded(debug, body)
+
+
+def _neuron_minimum(imported, data, split, x_key, mean, std, limit, provider, engine):
+    """``rescale --to-neuron-minimum``: the initializers at s* and a description."""
+    from .data import Preprocessing
+    from .neuron_measure import diagonal_over, neuron_optimum
+
+    if data is None:
+        raise MinsharpError("--to-neuron-minimum needs --data (the minimiser depends on the data)")
+    prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
+    diagonal, samples = diagonal_over(imported, data, prep=prep, split=split, x_key=x_key,
+                                      limit=limit, provider=provider, engine=engine)
+    opt = neuron_optimum(imported.network, diagonal)
+    ns = opt.result
+    if not ns.attained:
+        raise MinsharpError(f"the neuron-wise minimum sharpness {ns.value:.8g} is an infimum, not "
+                            f"attained: {ns.dropped_terms} terms vanish only in the limit "
+                            f"({ns.free_units} free units); nothing written")
+    return opt.params, (f"neuron-wise minimum sharpness {ns.value:.12g} on {samples} samples of "
+                        f"{data} ({ns.units} units, {ns.free_units} free; {ns.iterations} Newton "
+                        f"steps, relative gradient {ns.gradient_norm:.2g}): the written model's "
+                        "naive trace on these samples")
 
 
 def _check_batch(network, data, split, x_key, mean, std, rng, size: int = 64):

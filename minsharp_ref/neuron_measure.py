@@ -108,3 +108,26 @@ def neuron_minimum_sharpness(imported: ImportedModel, diagonal: dict,
         "solver": dict(describe(ns), second_pass_s=seconds, second_pass_trace=second),
         "traces": [{"tensor": n, "value": v} for n, v in zip(names, ns.traces)],
     }
+
+
+def diagonal_over(imported: ImportedModel, data, *, prep, split: str = "train",
+                  x_key: Optional[str] = None, limit: Optional[int] = None,
+                  provider: str = "auto", engine: str = "numpy",
+                  batch_size: Optional[int] = None) -> tuple[dict, int]:
+    """The exact mean Hessian diagonal of every tensor (the folded view's too) over a data
+    set, streamed in batches as ``score`` does (``rescale --to-neuron-minimum``). Returns
+    (diagonal, samples)."""
+    from .data import batches, check_finite, open_dataset
+    from .scoring import DEFAULT_MEMORY_BUDGET, DEFAULT_PRECISION, batch_size_for, traces_over
+
+    network = imported.network
+    dataset = open_dataset(data, split, x_key, None, limit)
+    try:
+        check_finite(dataset)
+        bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size,
+                            DEFAULT_PRECISION.get(engine, "float64"), engine, provider)
+        run = traces_over(imported, batches(dataset, network.input_shape, prep, bs), None,
+                          provider, diagonal=True, engine=engine)
+    finally:
+        dataset.close()
+    return run.diagonal, run.sums.n
