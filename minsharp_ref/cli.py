@@ -364,16 +364,19 @@ def invariance(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
     y_key: Optional[str] = typer.Option(None, "--y-key", help="Key of the labels (found as score finds them): not used by the traces, only checked against the loss, as score checks them."),
     loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
+    neurons: bool = typer.Option(False, "--neurons", help="Draw neuron-wise rescalings (one factor per unit/channel) and check the neuron-wise minimum sharpness instead (docs/method.md section 13)."),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
-    hypothesis, while the naive trace does. Exit 1 when it moves by more than --rtol."""
+    hypothesis, while the naive trace does (with --neurons: the neuron-wise minimum sharpness
+    under neuron-wise rescalings, while the layer-wise one and the naive trace move). Exit 1
+    when it moves by more than --rtol."""
 
     def body() -> int:
         from .api import DEFAULT_MEMORY_BUDGET, batch_size_for, with_loss
         from .data import Preprocessing, check_labels_against_loss, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
-        from .report import Output, invariance_blocks
+        from .report import Output, invariance_blocks, neuron_invariance_blocks
 
         if trials < 1:
             raise MinsharpError(f"--trials must be at least 1, not {trials}")
@@ -393,13 +396,17 @@ def invariance(
             xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
             info["y_key"] = labels
             phases.start("trials", trials, "trials")
-            result = check_invariance(imported, xs, provider=provider, trials=trials, seed=seed,
-                                      spread=spread, rtol=rtol, data_info=info,
-                                      on_trial=lambda _: phases.advance())
+            check = check_invariance
+            if neurons:
+                from .neuron_invariance import check_neuron_invariance as check
+            result = check(imported, xs, provider=provider, trials=trials, seed=seed,
+                           spread=spread, rtol=rtol, data_info=info,
+                           on_trial=lambda _: phases.advance())
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         output = Output(quiet)
-        output.report(invariance_blocks(result, info["samples"]))
+        output.report(neuron_invariance_blocks(result, info["samples"]) if neurons
+                      else invariance_blocks(result, info["samples"]))
         for w in result.warnings:
             output.warning(w)
         return 0 if result.passed else 1

@@ -384,3 +384,22 @@ def invariance_blocks(result, samples: int) -> list[Block]:
                       + ",".join(f"{a:.6g}" for a in result.falsifying_alpha))
     blocks.append(Strong(result.summary()))
     return blocks
+
+
+def neuron_invariance_blocks(result, samples: int) -> list[Block]:
+    """``invariance --neurons``: per draw the naive trace and the layer-wise minimum
+    sharpness (which move) and the neuron-wise one (which must not)."""
+    rows = [[str(i + 1), f"{t.trace:.6g}", f"{t.minimum_sharpness:.6g}",
+             f"{t.neuron_minimum_sharpness:.15g}", f"{t.deviation:.2g}", f"{t.half_width:.3g}",
+             str(t.draw_seed)] for i, t in enumerate(result.trials)]
+    blocks: list[Block] = [
+        Table(["trial", "naive Tr H", "min. sharpness", "neuron-wise MS", "rel. dev.",
+               "log10 spread", "draw seed"], rows, frozenset({0, 1, 2, 3, 4, 5})),
+        f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
+        f"{result.base_minimum_sharpness:.6g}, neuron-wise {result.base_neuron_minimum_sharpness:.15g} "
+        f"({result.provider}, {samples} samples, {result.units} units)"]
+    if result.falsifying is not None:
+        blocks.append(f"minimal failing draw (shrunk by hypothesis): log10 spread "
+                      f"{result.falsifying[0]:.6g}, draw seed {result.falsifying[1]}")
+    blocks.append(Strong(result.summary()))
+    return blocks
