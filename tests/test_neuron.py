@@ -106,8 +106,13 @@ def test_newton_agrees_with_scipy_on_the_entrywise_objective(seed):
     assert got.gradient_norm <= 1e-12
 
 
-def test_sparse_steps_equal_the_dense_least_squares_steps():
-    """The one solver: the same problem as sparse and as dense rows."""
+@pytest.mark.parametrize("dense_variables", [4096, 0])
+def test_sparse_steps_equal_the_dense_least_squares_steps(dense_variables, monkeypatch):
+    """The one solver: the same problem as sparse rows (Cholesky, or sparse LU with
+    DENSE_VARIABLES = 0) and as dense rows (least squares)."""
+    import minsharp_ref.sharpness as sharpness
+
+    monkeypatch.setattr(sharpness, "DENSE_VARIABLES", dense_variables)
     rng = np.random.default_rng(0)
     m, v = 60, 12
     a = np.zeros((m, v))
