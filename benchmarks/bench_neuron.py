@@ -5,7 +5,10 @@ sparse Newton steps against the dense least-squares steps on a ResNet-like unit 
 thousands of channels, side by side, interleaved.
 
     python benchmarks/bench_neuron.py [--samples 256] [--models lenet_torchscript,...]
-    python benchmarks/bench_neuron.py --synthetic [--width 64] [--rounds 3]
+    python benchmarks/bench_neuron.py --synthetic [--width 64] [--rounds 3] [--dense]
+
+(``--dense`` also runs the dense-rows iteration, side by side: only for small widths, its
+rows matrix is terms × units.)
 """
 
 from __future__ import annotations
@@ -91,12 +94,13 @@ def resnet_like_terms(width: int, seed: int = 0) -> tuple[Terms, int]:
     return Terms(out, inp, coef, np.zeros(out.size, np.int64), ("all",)), next_unit
 
 
-def synthetic(width: int, rounds: int) -> None:
+def synthetic(width: int, rounds: int, dense: bool) -> None:
     import minsharp_ref.sharpness as sharpness
 
     terms, units = resnet_like_terms(width)
     print(f"ResNet-like unit graph: {units} units, {terms.coef.size} terms (width {width})")
-    times = {"sparse": [], "dense": []}
+    kinds = ("sparse", "dense") if dense else ("sparse",)
+    times: dict = {k: [] for k in kinds}
     values = {}
     original = sharpness.minimise_exponential_sum
 
@@ -104,7 +108,7 @@ def synthetic(width: int, rounds: int) -> None:
         return original(rows.toarray(), coefs, ell)
 
     for _ in range(rounds):
-        for kind in ("sparse", "dense"):
+        for kind in kinds:
             if kind == "dense":
                 import minsharp_ref.neuron as neuron
 
@@ -120,7 +124,8 @@ def synthetic(width: int, rounds: int) -> None:
         v, it, g = values[kind]
         print(f"{kind:6s}: best of {rounds} {min(times[kind]):.3f} s, value {v:.15g}, "
               f"{it} steps, relative gradient {g:.2g}")
-    print(f"dense / sparse time: {min(times['dense']) / min(times['sparse']):.1f}×")
+    if dense:
+        print(f"dense / sparse time: {min(times['dense']) / min(times['sparse']):.1f}×")
 
 
 def main(argv=None) -> int:
@@ -130,9 +135,10 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dense", action="store_true")
     args = ap.parse_args(argv)
     if args.synthetic:
-        synthetic(args.width, args.rounds)
+        synthetic(args.width, args.rounds, args.dense)
     else:
         fixture_table(args.models.split(","), args.samples)
     return 0

@@ -274,8 +274,12 @@ def rescale(
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
         if to_neuron_minimum:
-            params, what = _neuron_minimum(imported, data, split, x_key, mean, std, limit,
-                                           provider, engine)
+            from .data import Preprocessing
+            from .neuron_measure import to_neuron_minimum as neuron_minimum
+
+            params, what = neuron_minimum(imported, data, Preprocessing(
+                _floats(mean, "--mean"), _floats(std, "--std")), split=split, x_key=x_key,
+                limit=limit, provider=provider, engine=engine)
         elif uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
             if neurons or normalize:
                 raise MinsharpError("this network has branches or BatchNorm: --random, or "
@@ -308,28 +312,6 @@ def rescale(
         return 0
 
     run_guarded(debug, body)
-
-
-def _neuron_minimum(imported, data, split, x_key, mean, std, limit, provider, engine):
-    """``rescale --to-neuron-minimum``: the initializers at s* and a description."""
-    from .data import Preprocessing
-    from .neuron_measure import diagonal_over, neuron_optimum
-
-    if data is None:
-        raise MinsharpError("--to-neuron-minimum needs --data (the minimiser depends on the data)")
-    prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
-    diagonal, samples = diagonal_over(imported, data, prep=prep, split=split, x_key=x_key,
-                                      limit=limit, provider=provider, engine=engine)
-    opt = neuron_optimum(imported.network, diagonal)
-    ns = opt.result
-    if not ns.attained:
-        raise MinsharpError(f"the neuron-wise minimum sharpness {ns.value:.8g} is an infimum, not "
-                            f"attained: {ns.dropped_terms} terms vanish only in the limit "
-                            f"({ns.free_units} free units); nothing written")
-    return opt.params, (f"neuron-wise minimum sharpness {ns.value:.12g} on {samples} samples of "
-                        f"{data} ({ns.units} units, {ns.free_units} free; {ns.iterations} Newton "
-                        f"steps, relative gradient {ns.gradient_norm:.2g}): the written model's "
-                        "naive trace on these samples")
 
 
 def _check_batch(network, data, split, x_key, mean, std, rng, size: int = 64):

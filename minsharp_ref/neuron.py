@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
 
 from .engine import tensor_columns
 from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, MaxPool2d, Network, Pad2d,
@@ -295,7 +296,8 @@ def neuron_sharpness(terms: Terms, size: int, start: Optional[np.ndarray] = None
          (np.concatenate([k[vo >= 0], k[vi >= 0]]), np.concatenate([vo[vo >= 0], vi[vi >= 0]]))),
         shape=(vo.size, variables.size))
     coefs = terms.coef[live]
-    x, rel, iters, converged = minimise_exponential_sum(rows, coefs, x0)
+    with threadpool_limits(1, user_api="blas"):  # small factorisations: threads only contend
+        x, rel, iters, converged = minimise_exponential_sum(rows, coefs, x0)
     s = np.zeros(size + 1)
     s[variables] = x
     s[size] = 0.0

@@ -131,3 +131,22 @@ def diagonal_over(imported: ImportedModel, data, *, prep, split: str = "train",
     finally:
         dataset.close()
     return run.diagonal, run.sums.n
+
+
+def to_neuron_minimum(imported: ImportedModel, data, prep, **options) -> tuple[dict, str]:
+    """``rescale --to-neuron-minimum``: the initializers at s* on ``data`` (``options``: those
+    of ``diagonal_over``) and a description; refused when the infimum is not attained."""
+    if data is None:
+        raise MinsharpError("--to-neuron-minimum needs --data (the minimiser depends on the data)")
+    diagonal, samples = diagonal_over(imported, data, prep=prep, **options)
+    ns = neuron_optimum(imported.network, diagonal)
+    result = ns.result
+    if not result.attained:
+        raise MinsharpError(f"the neuron-wise minimum sharpness {result.value:.8g} is an infimum, "
+                            f"not attained: {result.dropped_terms} terms vanish only in the limit "
+                            f"({result.free_units} free units); nothing written")
+    return ns.params, (f"neuron-wise minimum sharpness {result.value:.12g} on {samples} samples "
+                       f"of {data} ({result.units} units, {result.free_units} free; "
+                       f"{result.iterations} Newton steps, relative gradient "
+                       f"{result.gradient_norm:.2g}): the written model's naive trace on these "
+                       "samples")

@@ -255,3 +255,16 @@ def test_score_measures_and_rescale_to_neuron_minimum(tmp_path):
     assert r.exit_code == 0, r.output
     fast = json.loads((tmp_path / "c.json").read_text())["measures"]["neuron_minimum_sharpness"]
     assert fast["value"] == pytest.approx(n["value"], rel=1e-4)
+
+
+def test_rescale_to_neuron_minimum_needs_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from minsharp_ref.cli import app
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp(1).proto.SerializeToString())
+    r = CliRunner().invoke(app, ["rescale", str(model), "-o", str(tmp_path / "o.onnx"),
+                                 "--to-neuron-minimum"])
+    assert r.exit_code == 2 and "error: --to-neuron-minimum needs --data" in r.output
+    assert not (tmp_path / "o.onnx").exists()
