@@ -268,3 +268,21 @@ def test_rescale_to_neuron_minimum_needs_data(tmp_path):
                                  "--to-neuron-minimum"])
     assert r.exit_code == 2 and "error: --to-neuron-minimum needs --data" in r.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_both_engines_give_the_folded_diagonal_of_a_densenet():
+    """DenseNet keeps 7 BatchNorms as diagonal layers: their folded diagonal comes from the
+    trace graph too (float32), and the neuron-wise MS agrees with the float64 reference."""
+    from minsharp_ref.data import Preprocessing, batches, open_dataset
+    from minsharp_ref.onnx_import import import_model
+
+    imported = import_model(FIXTURES / "densenet_torchscript.onnx")
+    dataset = open_dataset(MNIST, "train", None, None, 16)
+    xs = list(batches(dataset, imported.network.input_shape, Preprocessing([0.5], [0.5]), 16))
+    dataset.close()
+    values = []
+    for engine in ("numpy", "onnxruntime"):
+        run = traces_over(imported, iter(xs), None, "cpu", diagonal=True, engine=engine, check=False)
+        assert any(k.endswith("(folded)") for k in run.diagonal)
+        values.append(neuron_optimum(imported.network, run.diagonal).result.value)
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
