@@ -365,9 +365,3 @@ def describe(ns: NeuronSharpness) -> dict:
             "iterations": ns.iterations, "gradient_norm": ns.gradient_norm,
             "converged": ns.converged, "variables": ns.variables,
             "dropped_terms": ns.dropped_terms, "seconds": ns.seconds}
-
-
-def log_scale_bound(ns: NeuronSharpness) -> float:
-    """max |s*| (for messages about float32 range)."""
-    return float(np.max(np.abs(ns.log_scale), initial=0.0)) if ns.log_scale.size else 0.0
-
