@@ -219,21 +219,29 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Sum
                    sums.loss_stderr if has_labels else None, at_alpha)
 
 
-def more_measures(network: Network, summary: Summary, diagonal: dict) -> dict:
+def more_measures(network: Network, summary: Summary, diagonal: dict,
+                  imported: Optional[ImportedModel] = None, rerun: Optional[Callable] = None) -> dict:
     """``--measures``: normalised sharpness per parameterised layer (docs/method.md section
-    12; with BatchNorm on the original parametrisation, each γ a diagonal layer) and the
+    12; with BatchNorm on the original parametrisation, each γ a diagonal layer), the
     per-layer traces at the minimiser of MS (section 9: t_p/α*_p², u_p/c*_p², summing to MS;
-    all equal to MS/D for a chain without biases; with BatchNorm on the folded view)."""
+    all equal to MS/D for a chain without biases; with BatchNorm on the folded view) and,
+    given ``imported``, the neuron-wise minimum sharpness (section 13; ``rerun``: the second
+    pass over the data for its standard error, see ``neuron_measure``)."""
     from .measures import normalised_sharpness
 
     ns = normalised_sharpness(network, diagonal)
-    return {
+    doc = {
         "normalised_sharpness": {
             "value": sum(n.value for n in ns),
             "layers": [{"value": n.value, "lower_bound": n.lower_bound,
                         "gradient_norm": n.gradient_norm} for n in ns]},
         "traces_at_alpha": summary.traces_at_alpha,
     }
+    if imported is not None:
+        from .neuron_measure import neuron_minimum_sharpness
+
+        doc["neuron_minimum_sharpness"] = neuron_minimum_sharpness(imported, diagonal, rerun)
+    return doc
 
 
 def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
@@ -322,6 +330,14 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
     summary = summarise(imported, sums, dataset.y is not None)
     timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start,
                "workers": run.workers}
+    measures_doc = None
+    if measures:  # the second pass (neuron-wise MS's s.e.) runs here, shard by shard
+        def rerun(rescaled: ImportedModel) -> TraceSums:
+            opts = options.but(diagonal=False, per_sample=False)
+            return merge([score_shard(rescaled, spec, a, b, opts) for a, b in ranges]).sums
+
+        measures_doc = more_measures(network, summary, run.diagonal, imported, rerun)
+    originals = {name for _, _, name in tensor_columns(network)}  # not the folded view's
     per_sample_dict = None
     if run.per_sample is not None:  # initializer name → (N,), plus each sample's total
         per_sample_dict = {name: run.per_sample[:, i]
@@ -338,8 +354,9 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         loss=summary.loss, accuracy=summary.accuracy, postprocessing=network.postprocessing,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
-        measures=more_measures(network, summary, run.diagonal) if measures else None,
-        loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal,
+        measures=measures_doc, loss_kind=network.loss, loss_stderr=summary.loss_stderr,
+        diagonal=None if run.diagonal is None else
+        {k: v for k, v in run.diagonal.items() if k in originals},
         per_sample=per_sample_dict,
         classes=tuple(summary.classes), folded=summary.folded, distributed=distributed,
         forward=run.forward)

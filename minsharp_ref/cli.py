@@ -210,13 +210,21 @@ def rescale(
     seed: int = typer.Option(0, help="Seed for --random and --neurons."),
     spread: float = typer.Option(6.0, help="Decades spanned by random α or γ."),
     data: Optional[Path] = typer.Option(None, "--data", help="Check on a batch of this .npz (default: random inputs)."),
-    split: str = typer.Option("train"),
-    x_key: Optional[str] = typer.Option(None, "--x-key"),
-    mean: Optional[str] = typer.Option(None),
-    std: Optional[str] = typer.Option(None),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
+    split: O.Split = "train",
+    x_key: O.XKey = None,
+    mean: O.Mean = None,
+    std: O.Std = None,
+    input_shape: O.InputShape = None,
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    to_neuron_minimum: bool = typer.Option(False, "--to-neuron-minimum", help="Rescale every unit/channel to the minimiser of the neuron-wise minimum sharpness on --data (docs/method.md section 13): the written model's naive trace is that value."),
+    limit: O.Limit = None,
+    engine: O.Engine = "numpy",
+    precision: O.Precision = None,
+    provider: O.Provider = "auto",
+    workers: O.Workers = None,
+    batch_size: O.BatchSize = None,
+    memory_budget: O.MemoryBudget = "1G",
 ):
     """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
     networks with branches or BatchNorm: --random or --alpha per class over the group of docs/method.md section 9).
@@ -225,10 +233,11 @@ def rescale(
     agree to float32 tolerance."""
 
     def body() -> int:
+        import math
+
         import numpy as np
 
         from .onnx_import import import_model
-        import math
 
         from .group import folded_view, rescaling_group
         from .report import Output
@@ -241,12 +250,22 @@ def rescale(
         network = imported.network
         rng = np.random.default_rng(seed)
         chosen = [name for name, on in (("--alpha", alpha is not None), ("--random", random),
-                                        ("--neurons", neurons)) if on]
+                                        ("--neurons", neurons),
+                                        ("--to-neuron-minimum", to_neuron_minimum)) if on]
         if len(chosen) != 1:
-            raise MinsharpError("give exactly one of --alpha, --random or --neurons")
+            raise MinsharpError("give exactly one of --alpha, --random, --neurons or --to-neuron-minimum")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
+        if to_neuron_minimum:
+            from .data import Preprocessing
+            from .neuron_measure import to_neuron_minimum as neuron_minimum
+
+            options = O.run_options(engine, precision, provider, workers, batch_size,
+                                    memory_budget)
+            kw = O.data_options(split, x_key, None, mean, std, limit, input_shape)
+            params, what = neuron_minimum(imported, data, Preprocessing(kw["mean"], kw["std"]),
+                                          options=options, split=split, x_key=x_key, limit=limit)
+        elif uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
             if neurons or normalize:
                 raise MinsharpError("this network has branches or BatchNorm: --random, or "
                                     "--alpha with one scale per class of tied tensors")
@@ -316,16 +335,19 @@ def invariance(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
     y_key: O.YKey = None,
     loss: O.Loss = None,
+    neurons: bool = typer.Option(False, "--neurons", help="Draw neuron-wise rescalings (one factor per unit/channel) and check the neuron-wise minimum sharpness instead (docs/method.md section 13)."),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
-    hypothesis, while the naive trace does. Exit 1 when it moves by more than --rtol."""
+    hypothesis, while the naive trace does (with --neurons: the neuron-wise minimum sharpness
+    under neuron-wise rescalings, while the layer-wise one and the naive trace move). Exit 1
+    when it moves by more than --rtol."""
 
     def body() -> int:
         from .api import batch_size_for, with_loss
         from .data import Preprocessing, check_labels_against_loss, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
-        from .report import Output, invariance_blocks
+        from .report import Output, invariance_blocks, neuron_invariance_blocks
 
         options = O.run_options(engine, precision, provider, workers, batch_size, memory_budget,
                                 loss=loss)
@@ -349,13 +371,17 @@ def invariance(
             xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
             info["y_key"] = labels
             phases.start("trials", trials, "trials")
-            result = check_invariance(imported, xs, options=options, trials=trials, seed=seed,
-                                      spread=spread, rtol=rtol, data_info=info,
-                                      on_trial=lambda _: phases.advance())
+            check = check_invariance
+            if neurons:
+                from .neuron_invariance import check_neuron_invariance as check
+            result = check(imported, xs, options=options, trials=trials, seed=seed,
+                           spread=spread, rtol=rtol, data_info=info,
+                           on_trial=lambda _: phases.advance())
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         output = Output(quiet)
-        output.report(invariance_blocks(result, info["samples"]))
+        output.report(neuron_invariance_blocks(result, info["samples"]) if neurons
+                      else invariance_blocks(result, info["samples"]))
         for w in result.warnings:
             output.warning(w)
         return 0 if result.passed else 1

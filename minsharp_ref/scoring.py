@@ -8,7 +8,6 @@ batches and the workers from the memory budget (docs/cli.md, "Workers and memory
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -256,7 +256,7 @@ def test_every_method_section_a_docstring_cites_exists():
         text = p.read_text()
         for cited in re.findall(r"docs/method\.md,? §? ?sections? ([\d, and]+\d)", text):
             missing += [f"{p.name}: section {n}" for n in re.findall(r"\d+", cited) if n not in numbers]
-        for title in re.findall(r'docs/method\.md[^"\n]{0,40}"([^"]+)"', text):
+        for title in re.findall(r'docs/method\.md[^"\n]{0,40}"([^"\n]+)"', text):
             if not any(t.strip("`*. ").startswith(title) for t in titles):
                 missing.append(f'{p.name}: "{title}"')
         missing += [f"{p.name}: cites the spec" for _ in re.findall(r"[Ss]pec section", text)]

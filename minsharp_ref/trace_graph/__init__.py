@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..engine import tensor_columns
 from ..errors import MinsharpError
 from ..group import folded_view
 from ..ir import LeakyRelu, MaxPool2d, Network, Relu, is_parameterised
@@ -82,7 +81,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     trace contributions in ``engine.tensor_columns`` order (for a network with BatchNorm,
     followed by those of its folded view's tensors), and ``logits`` (N, K); with
     ``diagonal`` also ``diagonal:<initializer>``, the batch sums of the exact Hessian
-    diagonal of each parameter tensor of the network, float64, shaped like the initializer.
+    diagonal of each parameter tensor of the network and of its folded view's own tensors
+    (``<weight> (folded)``), float64, shaped like the initializer.
 
     The signals go back through the DAG in reverse topological order, held per tensor name;
     a tensor read by several layers receives the sum of their signals, complete before its
@@ -93,7 +93,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     check_supported(network)
     b = GraphBuilder(dtype)
     ctx = Context(b)
-    b.reserve([INPUT, TRACES, LOGITS] + [DIAGONAL_PREFIX + name for _, _, name in tensor_columns(network)])
+    layers = traced_layers(network)
+    b.reserve([INPUT, TRACES, LOGITS] + [DIAGONAL_PREFIX + name for _, _, name in columns_of(layers)])
     b.fresh(INPUT, exact=True)
     ctx.values[network.input_name] = INPUT
     ctx.shapes.update(network.tensor_shapes())
@@ -103,7 +104,6 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     k = network.num_classes
     signals, ctx.signals = LOSS_HEADS[network.loss](ctx, logits, k)
 
-    layers = traced_layers(network)
     keep = {layer.output_name for layer in layers[len(network.param_layers):]}  # folded view's
     at: dict[str, str] = {network.logits_name: signals}  # tensor name → pending signals
     kept: dict[str, str] = {}
@@ -125,16 +125,16 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
                 at[name] = part if first else b.node("Add", [at[name], part], "signal")
     for layer in layers:  # the folded view's own layers (the others are measured above)
         if id(layer) not in measured:
-            measured[id(layer)] = measure(layer, ctx, kept[layer.output_name], False)
+            measured[id(layer)] = measure(layer, ctx, kept[layer.output_name], diagonal)
 
-    columns, diagonals = [], []
-    originals = len(tensor_columns(network))
+    columns, diagonals, emitted = [], [], set()
     names = columns_of(layers)
-    for c, (layer, which, name) in enumerate(names):
+    for layer, which, name in names:
         m = measured[id(layer)]
         value, diag = (m.weight, m.weight_diagonal) if which == "weight" else (m.bias, m.bias_diagonal)
         columns.append(b.node("Unsqueeze", [value, b.ints([1])]))
-        if diagonal and c < originals:
+        if diagonal and name not in emitted:  # the folded view's own tensors too
+            emitted.add(name)
             shape = list(np.shape(getattr(layer, which)))
             diagonals.append((b.node("Identity", [diag], DIAGONAL_PREFIX + name, exact=True), shape))
     traces = b.node("Concat", columns, TRACES, exact=True, axis=1)
