@@ -174,9 +174,9 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
             if node.op_type in NORMALISATION:
                 raise fail(node, "normalises with the sample's own statistics: not positively "
                                   "homogeneous (only inference-mode BatchNormalization is supported)")
-            if node.op_type in ("Max", "Min", "Mean", "Where", "Split"):
-                raise fail(node, "combines or splits computed tensors; only Add, Sum and Concat "
-                                  "may join branches")
+            if node.op_type in ("Max", "Min", "Mean", "Where"):
+                raise fail(node, "combines computed tensors; only Add, Sum and Concat may join "
+                                  "branches")
             raise fail(node, "op type not supported between parameterised layers")
         fn(node, ctx)
     logits = ctx.canonical(head.logits)

@@ -1,4 +1,5 @@
-"""Converters for shape-only ops: Flatten, Reshape, Squeeze/Unsqueeze, Transpose,
+"""Converters for shape-only ops: Flatten, Reshape, Squeeze/Unsqueeze, Transpose, Slice and
+Split (selections along one per-sample axis: torch.chunk / torch.split of channels),
 Identity/Dropout, Shape."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ir
-from .context import BATCH, attrs, const, converter, data_input, emit, fail
+from .context import BATCH, attrs, const, converter, data_input, emit, fail, renamed
 
 
 def reshape_to(node, ctx, x: str, per_sample: tuple[int, ...]):
@@ -112,3 +113,73 @@ def _cast_like(node, ctx):
         ctx.consts[node.output[0]] = np.asarray(ctx.consts[node.input[0]], dtype=np.float64)
         return
     ctx.alias[node.output[0]] = data_input(node, ctx)
+
+
+def _slice_layer(node, ctx, x: str, output: str, axis: int, start: int, stop: int) -> None:
+    """One ``ir.Slice`` of x along the full-tensor ``axis`` (the batch axis is refused)."""
+    shape = ctx.shapes[x]
+    if axis == 0:
+        raise fail(node, "slices the batch axis")
+    if not 0 <= start < stop <= shape[axis - 1]:
+        raise fail(node, f"selects {start}:{stop} of an axis of {shape[axis - 1]}: empty")
+    target = node if output == node.output[0] else renamed(node, output)
+    emit(ctx, target, ir.Slice, x, axis=axis - 1, start=start, stop=stop)
+
+
+@converter("Slice")
+def _slice(node, ctx):
+    """x[starts:ends] with constant bounds and step 1 on one per-sample axis (the others,
+    the batch axis included, taken whole), ONNX's clamping of the bounds."""
+    x = data_input(node, ctx)
+    full = (BATCH,) + ctx.shapes[x]
+    a = attrs(node)
+    if ctx.opset < 10:
+        starts, ends = a.get("starts", []), a.get("ends", [])
+        axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        starts = const(node, ctx, 1, "starts").reshape(-1).tolist()
+        ends = const(node, ctx, 2, "ends").reshape(-1).tolist()
+        axes = const(node, ctx, 3, "axes")
+        axes = list(range(len(starts))) if axes is None else axes.reshape(-1).tolist()
+        steps = const(node, ctx, 4, "steps")
+        steps = [1] * len(starts) if steps is None else steps.reshape(-1).tolist()
+    selected = []
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        axis = int(axis) % len(full)
+        if int(step) != 1:
+            raise fail(node, f"step {step} on axis {axis}: only contiguous slices (step 1)")
+        bounds = range(full[axis])[int(start):int(end)]
+        if (bounds.start, bounds.stop) != (0, full[axis]):
+            selected.append((axis, bounds.start, bounds.stop))
+    if not selected:
+        ctx.alias[node.output[0]] = x
+        return
+    if len(selected) > 1:
+        raise fail(node, f"slices {len(selected)} axes; only one axis at a time is supported")
+    _slice_layer(node, ctx, x, node.output[0], *selected[0])
+
+
+@converter("Split")
+def _split(node, ctx):
+    """Consecutive slices along one axis, one per output (``split`` sizes, or equal parts
+    as ``num_outputs`` / the number of outputs asks)."""
+    x = data_input(node, ctx)
+    full = (BATCH,) + ctx.shapes[x]
+    a = attrs(node)
+    axis = int(a.get("axis", 0)) % len(full)
+    size = full[axis]
+    sizes = a.get("split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        sizes = const(node, ctx, 1, "split").reshape(-1).tolist()
+    parts = len(node.output)
+    if sizes is None:
+        part = -(-size // parts)
+        sizes = [min(part, size - i * part) for i in range(parts)]
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != parts or sum(sizes) != size or min(sizes) < 0:
+        raise fail(node, f"split sizes {sizes} do not divide an axis of {size} into {parts}")
+    start = 0
+    for output, length in zip(node.output, sizes):
+        if output and ctx.consumers.get(output):
+            _slice_layer(node, ctx, x, output, axis, start, start + length)
+        start += length
