@@ -1,6 +1,6 @@
-"""Converters for shape-only ops: Flatten, Reshape, Squeeze/Unsqueeze, Transpose, Slice and
-Split (selections along one per-sample axis: torch.chunk / torch.split of channels),
-Identity/Dropout, Shape."""
+"""Converters for shape-only ops: Flatten, Reshape, Squeeze/Unsqueeze, Transpose, Slice,
+Split and SplitToSequence/SequenceAt (selections along one per-sample axis: torch.chunk /
+torch.split of channels), Identity/Dropout, Shape."""
 
 from __future__ import annotations
 
@@ -159,6 +159,14 @@ def _slice(node, ctx):
     _slice_layer(node, ctx, x, node.output[0], *selected[0])
 
 
+def _parts(node, sizes: list[int], size: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive parts of an axis of ``size``, checked."""
+    if len(sizes) != parts or sum(sizes) != size or min(sizes) < 0:
+        raise fail(node, f"split sizes {sizes} do not divide an axis of {size} into {parts}")
+    edges = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+    return list(zip(edges[:-1], edges[1:]))
+
+
 @converter("Split")
 def _split(node, ctx):
     """Consecutive slices along one axis, one per output (``split`` sizes, or equal parts
@@ -175,11 +183,41 @@ def _split(node, ctx):
     if sizes is None:
         part = -(-size // parts)
         sizes = [min(part, size - i * part) for i in range(parts)]
-    sizes = [int(s) for s in sizes]
-    if len(sizes) != parts or sum(sizes) != size or min(sizes) < 0:
-        raise fail(node, f"split sizes {sizes} do not divide an axis of {size} into {parts}")
-    start = 0
-    for output, length in zip(node.output, sizes):
+    for output, (start, stop) in zip(node.output, _parts(node, [int(s) for s in sizes], size, parts)):
         if output and ctx.consumers.get(output):
-            _slice_layer(node, ctx, x, output, axis, start, start + length)
-        start += length
+            _slice_layer(node, ctx, x, output, axis, start, stop)
+
+
+@converter("SplitToSequence")
+def _split_to_sequence(node, ctx):
+    """A sequence of consecutive parts along one axis (``split``: a chunk size, the last
+    part smaller, or the sizes), each taken by SequenceAt: nothing is emitted here."""
+    x = data_input(node, ctx)
+    full = (BATCH,) + ctx.shapes[x]
+    axis = int(attrs(node).get("axis", 0)) % len(full)
+    size = full[axis]
+    split = const(node, ctx, 1, "split")
+    if split is None:
+        raise fail(node, "splits into single elements (no split sizes): not supported")
+    if split.ndim == 0:
+        chunk = int(split)
+        if chunk < 1:
+            raise fail(node, f"chunk size {chunk}")
+        sizes = [min(chunk, size - i) for i in range(0, size, chunk)]
+    else:
+        sizes = [int(s) for s in split.reshape(-1)]
+    ctx.sequences[node.output[0]] = (x, axis, tuple(_parts(node, sizes, size, len(sizes))))
+    ctx.shapes[node.output[0]] = ctx.shapes[x]  # a computed value: SequenceAt reads it
+
+
+@converter("SequenceAt")
+def _sequence_at(node, ctx):
+    """Part ``position`` of a SplitToSequence: a slice of its input."""
+    seq = data_input(node, ctx)
+    if seq not in ctx.sequences:
+        raise fail(node, f'reads "{seq}", which is not the output of a SplitToSequence')
+    x, axis, bounds = ctx.sequences[seq]
+    position = int(np.asarray(const(node, ctx, 1, "position")).reshape(-1)[0])
+    if not -len(bounds) <= position < len(bounds):
+        raise fail(node, f"position {position} of a sequence of {len(bounds)}")
+    _slice_layer(node, ctx, x, node.output[0], axis, *bounds[position])

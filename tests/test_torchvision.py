@@ -1,0 +1,155 @@
+"""torchvision's ReLU classifiers (docs/exporting.md, "torchvision"): small members of the
+families the importer learned for them, built by fixtures/make_torchvision_fixtures.py with
+torchvision's own modules, BatchNorm statistics from real images, eval mode, exported by the
+legacy exporter (``do_constant_folding=False``) and, for ShuffleNetV2, by dynamo.
+
+* tv_squeezenet1_1: the classifier Conv → ReLU → GlobalAveragePool → Flatten after the last
+  parameterised layer belongs to the network (docs/method.md section 4, "The head");
+* tv_shufflenet_v2(_dynamo): ``torch.chunk`` (Slice; dynamo: SplitToSequence/SequenceAt) and
+  the channel shuffle (Reshape → Transpose → Reshape) in both engines and the rescaling group
+  (docs/method.md section 9);
+* tv_googlenet_small: GoogLeNet's Inception blocks, max pools 3×3 stride 1 padding 1 in
+  ceil_mode over ReLU outputs (where windows tie: tests/test_maxpool_ties.py);
+* tv_regnet_x: RegNet's X block (grouped convolutions).
+
+Oracle: fixtures/torchvision_expected.json, exact per-tensor traces computed by torch
+float64 autograd on the nn.Module itself (not the ONNX file). Tolerance per tensor:
+1e-9 (NumPy engine) and 1e-5 (onnxruntime engine) relative to the tensor's trace plus 1e-9
+of the total trace. Needs neither torch nor torchvision.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import FIXTURES, MNIST
+from minsharp_ref import ir, score_arrays
+from minsharp_ref.group import rescaling_group
+from minsharp_ref.onnx_import import import_model
+from minsharp_ref.rescale import apply_to_proto, group_parameters
+
+DOC = json.loads((FIXTURES / "torchvision_expected.json").read_text())
+STEMS = sorted(DOC["models"])
+TOLERANCE = {"numpy": 1e-9, "onnxruntime": 1e-5}
+
+
+def inputs(n: int, size: int) -> np.ndarray:
+    """make_torchvision_fixtures.inputs: the first n MNIST training images, (x/255 − 0.5)/0.5,
+    nearest-neighbour resized (row i reads row ⌊28 i / size⌋), replicated to 3 channels."""
+    with np.load(MNIST, allow_pickle=False) as d:
+        x = d["x_train"][:n].astype(np.float64)
+    idx = (np.arange(size) * 28) // size
+    x = ((x / 255.0 - 0.5) / 0.5)[:, idx][:, :, idx]
+    return np.repeat(x[:, None], 3, axis=1)
+
+
+@lru_cache(maxsize=None)
+def imported(stem: str):
+    return import_model(FIXTURES / DOC["models"][stem]["file"])
+
+
+def per_tensor(layers) -> dict[str, float]:
+    out = {}
+    for layer in layers:
+        out[layer.weight] = layer.trace_weight
+        if layer.bias is not None:
+            out[layer.bias] = layer.trace_bias
+    return out
+
+
+def test_fixtures_are_small_and_references_cover_every_parameter():
+    total = 0
+    for stem in STEMS:
+        entry = DOC["models"][stem]
+        path = FIXTURES / entry["file"]
+        total += path.stat().st_size
+        params = {i.name for i in onnx.load(str(path)).graph.initializer
+                  if not i.name.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        assert set(entry["traces"]) == params, stem
+        assert entry["trace"] == pytest.approx(sum(entry["traces"].values()), rel=1e-12)
+    assert total < 1_500_000
+
+
+@pytest.mark.parametrize("engine", ["numpy", "onnxruntime"])
+@pytest.mark.parametrize("stem", STEMS)
+def test_traces_match_torch_float64(stem, engine):
+    entry = DOC["models"][stem]
+    x = inputs(entry["samples"], entry["size"])
+    layers, trace, _ = score_arrays(imported(stem), x, engine=engine,
+                                    provider="numpy" if engine == "numpy" else "cpu")
+    got, want, total = per_tensor(layers), entry["traces"], entry["trace"]
+    assert set(got) == set(want)
+    rtol = TOLERANCE[engine]
+    bad = {k: (got[k], v) for k, v in want.items()
+           if not abs(got[k] - v) <= rtol * (abs(v) + 1e-9 * total)}
+    assert not bad, f"{stem} on {engine}: (ours, torch) {bad}"
+    assert trace == pytest.approx(total, rel=rtol)
+
+
+def test_squeezenet_classifier_belongs_to_the_network():
+    """The last parameterised layer is followed by ReLU, global average pooling and Flatten:
+    all in the network (no head stripped), logits of shape (10,)."""
+    net = imported("tv_squeezenet1_1").network
+    tail = [type(l).__name__ for l in net.layers[-4:]]
+    assert tail == ["Conv2d", "Relu", "AvgPool2d", "Reshape"]
+    assert net.postprocessing == () and net.num_classes == 10
+
+
+@pytest.mark.parametrize("stem", ["tv_shufflenet_v2", "tv_shufflenet_v2_dynamo"])
+def test_shufflenet_channel_split_and_shuffle(stem):
+    """chunk(2, dim=1) becomes two channel Slices (one of them read by the Concat, the other
+    by the branch's first conv; stride-2 blocks read the whole input); the shuffle a 5-D
+    Reshape, a Transpose of its first two per-sample axes and a Reshape back. In the
+    layer-wise group each slice shares its input's class, and so does the shuffle."""
+    net = imported(stem).network
+    slices = [l for l in net.layers if isinstance(l, ir.Slice)]
+    assert len(slices) == 6 and all(l.axis == 0 for l in slices)
+    assert sorted({(l.start, l.stop) for l in slices}) == [(0, 8), (0, 16), (0, 32), (8, 16),
+                                                           (16, 32), (32, 64)]
+    shuffles = [l for l in net.layers if isinstance(l, ir.Transpose)]
+    assert len(shuffles) == 6 and all(l.perm == (1, 0, 2, 3) for l in shuffles)
+    group = rescaling_group(net)
+    where = {name: j for j, members in enumerate(group.members) for name in members}
+    for layer in slices + shuffles:
+        assert where[layer.input_name] == where[layer.output_name]
+
+
+def test_legacy_and_dynamo_shufflenet_agree():
+    """The two exporters' files of the same module score the same traces (1e-12)."""
+    entry = DOC["models"]["tv_shufflenet_v2"]
+    x = inputs(entry["samples"], entry["size"])
+    a = per_tensor(score_arrays(imported("tv_shufflenet_v2"), x)[0])
+    b = per_tensor(score_arrays(imported("tv_shufflenet_v2_dynamo"), x)[0])
+    assert set(a) == set(b)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-12), key
+
+
+@pytest.mark.parametrize("stem", ["tv_shufflenet_v2", "tv_googlenet_small"])
+def test_group_rescaling_preserves_function_and_minimum_sharpness(stem):
+    """Random ℓ per free class of the group (slices and shuffles tie the classes they map),
+    written to a float32 copy: onnxruntime's logits stay, the naive trace moves by orders of
+    magnitude, minimum sharpness stays (1e-6: the copy's float32 rounding)."""
+    ort = pytest.importorskip("onnxruntime")
+    source = imported(stem)
+    group = rescaling_group(source.network)
+    ell = np.random.default_rng(1).uniform(-1.5, 1.5, group.size) * np.log(10)
+    model = apply_to_proto(source.proto, group_parameters(source.network, ell, group))
+    entry = DOC["models"][stem]
+    x = inputs(entry["samples"], entry["size"])
+
+    def logits(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"input": x.astype(np.float32)})[0]
+
+    before = logits(source.proto)
+    np.testing.assert_allclose(logits(model), before, rtol=0, atol=1e-4 * np.abs(before).max())
+    _, trace, ms = score_arrays(source, x)
+    _, moved_trace, moved_ms = score_arrays(model, x)
+    assert abs(np.log(moved_trace / trace)) > np.log(10)
+    assert moved_ms == pytest.approx(ms, rel=1e-6)
