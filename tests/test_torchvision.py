@@ -157,3 +157,14 @@ def test_group_rescaling_preserves_function_and_minimum_sharpness(stem):
     assert max(abs(np.log(after[k] / before[k])) for k in before if before[k] > 0) > np.log(1e3)
     assert moved_trace != pytest.approx(trace, rel=0.1)
     assert moved_ms == pytest.approx(ms, rel=1e-6)
+
+
+def test_legacy_split_becomes_two_slices():
+    """``torch.split(x, [2, 4], dim=1)``: the legacy exporter writes an ONNX Split, imported
+    as one channel slice per used output."""
+    import onnx
+
+    path = FIXTURES / DOC["models"]["tv_split_legacy"]["file"]
+    assert "Split" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    slices = [l for l in imported("tv_split_legacy").network.layers if isinstance(l, ir.Slice)]
+    assert [(l.axis, l.start, l.stop) for l in slices] == [(0, 0, 2), (0, 2, 6)]
