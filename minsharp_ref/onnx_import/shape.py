@@ -1,6 +1,6 @@
 """Converters for shape-only ops: Flatten, Reshape, Squeeze/Unsqueeze, Transpose, Slice,
-Split and SplitToSequence/SequenceAt (selections along one per-sample axis: torch.chunk /
-torch.split of channels), Identity/Dropout, Shape."""
+Split, SplitToSequence/SequenceAt and Gather (selections along one per-sample axis:
+torch.chunk / torch.split of channels, ``x[:, i]``), Identity/Dropout, Shape."""
 
 from __future__ import annotations
 
@@ -221,3 +221,28 @@ def _sequence_at(node, ctx):
     if not -len(bounds) <= position < len(bounds):
         raise fail(node, f"position {position} of a sequence of {len(bounds)}")
     _slice_layer(node, ctx, x, node.output[0], axis, *bounds[position])
+
+
+@converter("Gather")
+def _gather(node, ctx):
+    """x.take(i, axis) of a computed tensor with constant indices on one per-sample axis: a
+    slice when the indices are consecutive (a scalar index also drops the axis: a Reshape
+    follows). torchvision's ``transform_input`` (GoogLeNet, Inception v3 with pretrained
+    weights) reads each input channel so: ``x[:, 0]``, then Unsqueeze, Mul, Add, Concat."""
+    x = data_input(node, ctx)
+    if ctx.canonical(node.input[0]) != x:
+        raise fail(node, "gathers from a constant with computed indices")
+    full = (BATCH,) + ctx.shapes[x]
+    axis = int(attrs(node).get("axis", 0)) % len(full)
+    indices = np.asarray(const(node, ctx, 1, "indices"))
+    flat = [int(i) % full[axis] if axis else int(i) for i in indices.reshape(-1)]
+    if axis == 0 or indices.ndim > 1 or not flat or flat != list(range(flat[0], flat[0] + len(flat))):
+        raise fail(node, f"indices {indices.tolist()} on axis {axis}: only consecutive indices on "
+                          "one per-sample axis (a slice) are supported")
+    if indices.ndim == 1:
+        _slice_layer(node, ctx, x, node.output[0], axis, flat[0], flat[0] + len(flat))
+        return
+    sliced = f"{node.output[0]}::slice"
+    _slice_layer(node, ctx, x, sliced, axis, flat[0], flat[0] + 1)
+    shape = ctx.shapes[x]
+    emit(ctx, node, ir.Reshape, sliced, shape=shape[:axis - 1] + shape[axis:])
