@@ -9,7 +9,9 @@ legacy exporter (``do_constant_folding=False``) and, for ShuffleNetV2, by dynamo
   the channel shuffle (Reshape → Transpose → Reshape) in both engines and the rescaling group
   (docs/method.md section 9);
 * tv_googlenet_small: GoogLeNet's Inception blocks, max pools 3×3 stride 1 padding 1 in
-  ceil_mode over ReLU outputs (where windows tie: tests/test_maxpool_ties.py);
+  ceil_mode over ReLU outputs (where windows tie: tests/test_maxpool_ties.py), and
+  ``transform_input`` (each input channel by Gather, then Mul, Add, Concat: input
+  preprocessing before the first conv);
 * tv_regnet_x: RegNet's X block (grouped convolutions).
 
 Oracle: fixtures/torchvision_expected.json, exact per-tensor traces computed by torch
@@ -168,3 +170,12 @@ def test_legacy_split_becomes_two_slices():
     assert "Split" in [n.op_type for n in onnx.load(str(path)).graph.node]
     slices = [l for l in imported("tv_split_legacy").network.layers if isinstance(l, ir.Slice)]
     assert [(l.axis, l.start, l.stop) for l in slices] == [(0, 0, 2), (0, 2, 6)]
+
+
+def test_googlenet_transform_input_is_input_preprocessing():
+    """``transform_input=True``: ``x[:, i]`` (Gather) → Unsqueeze → Mul → Add per channel,
+    Concat: slices, reshapes and fixed input transforms, all before the first conv."""
+    net = imported("tv_googlenet_small").network
+    first = next(i for i, l in enumerate(net.layers) if ir.is_parameterised(l))
+    kinds = [type(l).__name__ for l in net.layers[:first]]
+    assert kinds.count("Slice") == 3 and kinds.count("InputAffine") == 6 and kinds[-1] == "Concat"
