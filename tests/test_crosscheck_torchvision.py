@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 import make_torchvision_fixtures as tv  # noqa: E402
 
 DEFAULT = ["squeezenet1_1", "googlenet", "shufflenet_v2_x0_5"]
-ALL = DEFAULT + ["squeezenet1_0", "shufflenet_v2_x0_5:dynamo", "resnet18", "resnet50",
+ALL = DEFAULT + ["squeezenet1_0", "shufflenet_v2_x0_5:dynamo", "googlenet:dynamo",
+                 "googlenet+transform_input", "resnet18", "resnet50",
                  "wide_resnet50_2", "resnext50_32x4d", "densenet121", "mnasnet0_5",
                  "regnet_x_400mf", "inception_v3", "vgg11", "vgg11_bn", "alexnet"]
 CHOICE = os.environ.get("MINSHARP_TORCHVISION", "")

@@ -179,3 +179,63 @@ def test_googlenet_transform_input_is_input_preprocessing():
     first = next(i for i, l in enumerate(net.layers) if ir.is_parameterised(l))
     kinds = [type(l).__name__ for l in net.layers[:first]]
     assert kinds.count("Slice") == 3 and kinds.count("InputAffine") == 6 and kinds[-1] == "Concat"
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def _gated(kind: str):
+    """Conv → (activation written as torchvision's exporters write it) → Conv → GAP → Gemm,
+    hand-built: ReLU6 (Clip 0..6), hardswish, SiLU (x·σ(x)), a squeeze-and-excitation gate
+    (x·σ(conv(GAP(x))))."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name, shape):
+        return numpy_helper.from_array(np.full(shape, 0.1, dtype=np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["u"], name="conv1")]
+    inits = [init("W1", (4, 3, 1, 1)), init("W2", (4, 4, 1, 1)), init("W3", (10, 4)),
+             numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+    if kind == "relu6":
+        nodes.append(helper.make_node("Clip", ["u", "lo", "hi"], ["a"], name="/act/Clip"))
+    elif kind == "hardswish":
+        nodes.append(helper.make_node("HardSwish", ["u"], ["a"], name="/act/HardSwish"))
+    elif kind == "silu":
+        nodes += [helper.make_node("Sigmoid", ["u"], ["s"], name="/act/Sigmoid"),
+                  helper.make_node("Mul", ["u", "s"], ["a"], name="/act/Mul")]
+    else:  # squeeze-and-excitation
+        inits.append(init("Wse", (4, 4, 1, 1)))
+        nodes += [helper.make_node("GlobalAveragePool", ["u"], ["p"], name="/se/pool"),
+                  helper.make_node("Conv", ["p", "Wse"], ["q"], name="/se/fc"),
+                  helper.make_node("Sigmoid", ["q"], ["s"], name="/se/Sigmoid"),
+                  helper.make_node("Mul", ["s", "u"], ["a"], name="/se/Mul")]
+    nodes += [helper.make_node("Conv", ["a", "W2"], ["v"], name="conv2"),
+              helper.make_node("GlobalAveragePool", ["v"], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "W3"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 4, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("kind,node,why", [
+    ("relu6", "/act/Clip", "a clipped ReLU such as ReLU6 saturates"),
+    ("hardswish", "/act/HardSwish", "hardswish u·ReLU6(u + 3)/6"),
+    ("silu", "/act/Sigmoid", "SiLU / swish u·σ(u)"),
+    ("se", "/se/Sigmoid", "a gate σ(·) multiplying another computed tensor, as in "
+                          "squeeze-and-excitation"),
+])
+def test_non_homogeneous_families_are_refused_naming_node_and_why(kind, node, why):
+    """MobileNetV2 (ReLU6), MobileNetV3 (hardswish), EfficientNet (SiLU), RegNetY /
+    MobileNetV3 / EfficientNet (squeeze-and-excitation gates): one line, the node, why."""
+    from minsharp_ref.errors import MinsharpError
+    from minsharp_ref.onnx_import import convert
+
+    with pytest.raises(MinsharpError) as e:
+        convert(_gated(kind))
+    op = node.rsplit("/", 1)[1]
+    assert str(e.value) == (f'node "{node}" ({op}): not positively homogeneous, minimum '
+                            f"sharpness is not defined for this network ({why}" +
+                            (": f(c·u) ≠ c·f(u) once c·u passes the clip)" if kind == "relu6"
+                             else ")"))
