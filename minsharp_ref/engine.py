@@ -32,7 +32,8 @@ from typing import Optional
 import numpy as np
 
 from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, LayerBase, LeakyRelu,
-                 MaxPool2d, Network, Pad2d, Relu, Reshape, Transpose, is_parameterised)
+                 MaxPool2d, Network, Pad2d, Relu, Reshape, Slice, Transpose,
+                 is_parameterised)
 from .plan import Plan, depends_on_parameters, traversal_plan
 from .windows import scatter_windows
 
@@ -121,6 +122,14 @@ def _(layer: Transpose, g, a):
     """Transpose: apply the inverse permutation to the per-sample axes."""
     inverse = np.argsort(layer.perm)
     return g.transpose((0, 1) + tuple(int(p) + 2 for p in inverse))
+
+
+@backprop.register
+def _(layer: Slice, g, a):
+    """Slice: the signal back in its place along the sliced axis, zeros elsewhere."""
+    out = np.zeros(g.shape[:2] + a.shape[1:], dtype=g.dtype)
+    out[layer.index(lead=2)] = g
+    return out
 
 
 @backprop.register
