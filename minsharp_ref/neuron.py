@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from .engine import tensor_columns
 from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, MaxPool2d, Network, Pad2d,
-                 Reshape, Transpose, is_parameterised)
+                 Reshape, Slice, Transpose, is_parameterised)
 from .sharpness import minimise_exponential_sum
 from .windows import pad_input, windows
 
@@ -154,6 +154,8 @@ def unit_map(network: Network) -> Units:
             y = x.reshape(layer.shape)
         elif isinstance(layer, Transpose):
             y = x.transpose(layer.perm)
+        elif isinstance(layer, Slice):  # a selection of channels keeps their units
+            y = x[layer.index(lead=0)]
         else:  # InputAffine, ReLU, LeakyReLU: element-wise
             y = x
         ids[layer.output_name] = y

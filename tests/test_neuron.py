@@ -286,3 +286,34 @@ def test_both_engines_give_the_folded_diagonal_of_a_densenet():
         assert any(k.endswith("(folded)") for k in run.diagonal)
         values.append(neuron_optimum(imported.network, run.diagonal).result.value)
     assert values[1] == pytest.approx(values[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tv_shufflenet_v2.onnx", "tv_shufflenet_v2_dynamo.onnx"])
+def test_neuron_wise_through_channel_slices_and_shuffles(name):
+    """ShuffleNetV2 as torch.onnx writes it (channel split as Slice / SplitToSequence, the
+    channel shuffle Reshape → Transpose → Reshape): random e^s per unit keep the function in
+    onnxruntime (the rescaled ONNX file, independent of the IR), and the neuron-wise MS does
+    not move (1e-9, float64) while MS does."""
+    from minsharp_ref.onnx_import import import_model
+    from minsharp_ref.runtime import OrtForward
+
+    imported = import_model(FIXTURES / name)
+    network = imported.network
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4,) + network.input_shape)
+    units = unit_map(network)
+    s = rng.uniform(-1.0, 1.0, units.size) * np.log(10)
+    params = unit_parameters(network, units, s)
+    before = OrtForward(imported.proto, network, "cpu")(x)[0]
+    after = OrtForward(apply_to_proto(imported.proto, params), network.with_parameters(params),
+                       "cpu")(x)[0]
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-4 * np.abs(before).max())
+    moved = ImportedModel(None, "", imported.proto, network.with_parameters(params))
+    values, ms = [], []
+    for model in (imported, moved):
+        run = traces_over(model, [x], None, "numpy", diagonal=True, check=False)
+        values.append(neuron_optimum(model.network, run.diagonal).result.value)
+        ms.append(summarise(model, run.sums, False).minimum_sharpness)
+    assert values[1] == pytest.approx(values[0], rel=RTOL)
+    assert values[0] <= ms[0] * (1 + 1e-12)
+    assert abs(ms[1] / ms[0] - 1) > 1e-6
