@@ -477,6 +477,84 @@ def export_trace_graph(
 
 
 @app.command()
+def spectrum(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    data: Path = typer.Option(..., "--data", help=".npz data file (Keras mnist layout or x/y)."),
+    split: str = typer.Option("train", help="train or test (Keras layout)."),
+    x_key: Optional[str] = typer.Option(None, "--x-key", help="Key of the inputs in the .npz."),
+    y_key: Optional[str] = typer.Option(None, "--y-key", help="Key of the labels (the Hessian needs them)."),
+    mean: Optional[str] = typer.Option(None, help="Mean to subtract: a scalar or one per channel, comma-separated."),
+    std: Optional[str] = typer.Option(None, help="Std to divide by: a scalar or one per channel."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples per batch of every product."),
+    memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for the forward activations kept between products; beyond it every product re-reads the data."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse (default: what the model's head suggests)."),
+    top: int = typer.Option(1, "--top", help="Number of largest eigenvalues (Lanczos)."),
+    smallest: bool = typer.Option(False, "--smallest", help="Also the smallest (most negative) eigenvalue."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="Top eigenvalue of each tensor's diagonal block."),
+    matrix: str = typer.Option("hessian", "--matrix", help="hessian | ggn (the Gauss-Newton matrix)."),
+    density: Optional[Path] = typer.Option(None, "--density", help="Plot the spectral density (stochastic Lanczos quadrature): FILE.png or FILE.svg (the plot extra)."),
+    eigenvectors: Optional[Path] = typer.Option(None, "--eigenvectors", help="Write the top eigenvectors (.npz keyed by initializer name, shape (top, *tensor shape))."),
+    tol: float = typer.Option(1e-8, "--tol", help="Lanczos relative tolerance."),
+    max_iter: Optional[int] = typer.Option(None, "--max-iter", help="Lanczos restarts at most (default: ARPACK's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the start vector (and of --check's and --density's random vectors)."),
+    check: bool = typer.Option(False, "--check", help="Check the operator's diagonal and Hutchinson trace against score's exact ones."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report (minsharp-ref/spectrum/v1) here."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors."),
+):
+    """Exact Hessian spectrum of MODEL's mean loss on DATA: top eigenvalues, the smallest, per-tensor blocks, density."""
+
+    def body() -> int:
+        from .api import json_safe
+        from .plot import check_plot_path
+        from .report import Output
+        from .spectrum import density_plot_bytes
+        from .spectrum_run import DataOptions, SpectrumOptions, run_spectrum, spectrum_blocks
+
+        density_format = check_plot_path(density) if density is not None else None
+        for out in (json_path, eigenvectors, density):
+            if out is not None:
+                check_output_dir(out)
+        output = Output(quiet)
+        d = DataOptions(str(data), split, x_key, y_key, _floats(mean, "--mean"),
+                        _floats(std, "--std"), limit, batch_size, parse_bytes(memory_budget))
+        o = SpectrumOptions(top=top, smallest=smallest, per_tensor=per_tensor, matrix=matrix,
+                            tol=tol, max_iter=max_iter, seed=seed, density=density is not None,
+                            check=check)
+        with Phases(enabled=not quiet) as phases:
+            phases.start("import")
+            state = {"phase": None}
+
+            def progress(phase: str, count: int) -> None:
+                if phase != state["phase"]:
+                    state["phase"] = phase
+                    phases.start(phase, None, "products")
+                phases.advance(1)
+
+            run = run_spectrum(model, d, o, loss=loss,
+                               input_shape=_ints(input_shape, "--input-shape"), progress=progress)
+            phases.done()
+        doc = json_safe(run.doc)
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+        if eigenvectors is not None:
+            write_atomically(eigenvectors, npz_bytes(run.eigenvectors))
+        if density is not None:
+            write_atomically(density, density_plot_bytes(*run.density, density_format,
+                                                         f"{doc['matrix']} spectral density"))
+        if json_path is not None:
+            write_atomically(json_path, text)
+        output.report(spectrum_blocks(doc))
+        failed = [k for k, c in doc.get("check", {}).items() if not c["passed"]]
+        for k in failed:
+            output.failure(f"--check: the {k} check failed")
+        return 1 if failed else 0
+
+    run_guarded(debug, body)
+
+
+@app.command()
 def version():
     """Print the version."""
     typer.echo(f"minsharp-ref {__version__}")

@@ -135,10 +135,17 @@ def param_tangent(layer, t: Optional[np.ndarray], a: np.ndarray,
     if t is not None:
         if isinstance(layer, BatchNorm):
             out = t * layer.multiplier.reshape(layer.channel_shape(t.ndim))
+        elif isinstance(layer, Conv2d):
+            out = conv_apply(layer, layer.weight, t)
         else:
             out = without_bias(layer).forward(t)
     if direction is not None:
-        part = effective_direction(layer, direction).forward(a)
+        if isinstance(layer, Conv2d):
+            part = conv_apply(layer, direction[0], a)
+            if direction[1] is not None:
+                part += layer.bias_coef * direction[1].reshape(-1, 1, 1)
+        else:
+            part = effective_direction(layer, direction).forward(a)
         out = part if out is None else out + part
     return out
 
@@ -161,18 +168,36 @@ def weight_gradient(layer, g: np.ndarray, a: np.ndarray) -> np.ndarray:
 @weight_gradient.register
 def _(layer: Dense, g, a):
     """Σ_n g aᵀ, times Gemm's alpha, transposed for a stored (in, out) weight."""
-    gw = layer.weight_coef * (g.T @ a)
+    gw = layer.weight_coef * (np.ascontiguousarray(g.T) @ np.ascontiguousarray(a))
     return gw.T if layer.weight_transposed else gw
 
 
 @weight_gradient.register
 def _(layer: Conv2d, g, a):
-    """Σ_n g U(a)ᵀ per group with U = im2col(a): one batched GEMM."""
-    u = layer.im2col(a)  # (N, G, Q, P)
-    n, groups, q, p = u.shape
-    gm = g.reshape(n, groups, -1, p)
-    gw = np.einsum("ngop,ngqp->goq", gm, u, optimize=True)
+    """Σ_n g U(a)ᵀ per group with U = im2col(a): one GEMM over all samples and positions."""
+    groups = layer.groups
+    gm = g.transpose(1, 0, 2, 3).reshape(groups, layer.out_channels // groups, -1)
+    gw = np.matmul(gm, conv_columns(layer, a).transpose(0, 2, 1))
     return layer.weight_coef * gw.reshape(layer.weight.shape)
+
+
+def conv_columns(layer: Conv2d, x: np.ndarray) -> np.ndarray:
+    """im2col of a batch as (G, Q, N·P), rows ordered (c, i, j), columns (sample, position):
+    the layout in which a convolution over the whole batch is one GEMM per group."""
+    out_hw = layer.geometry.output_hw(x.shape[2:])
+    cols = windows(pad_input(x, layer.geometry, 0.0), layer.geometry, out_hw)
+    n, c, kh, kw, ho, wo = cols.shape
+    return cols.transpose(1, 2, 3, 0, 4, 5).reshape(layer.groups, -1, n * ho * wo)
+
+
+def conv_apply(layer: Conv2d, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The convolution of ``x`` with ``weight`` (stored layout, times Gemm-style weight_coef),
+    no bias, as one GEMM per group: (N, C_out, Ho, Wo)."""
+    groups = layer.groups
+    k = layer.weight_coef * weight.reshape(groups, weight.shape[0] // groups, -1)
+    out_hw = layer.geometry.output_hw(x.shape[2:])
+    z = np.matmul(k, conv_columns(layer, x))  # (G, O, N·P)
+    return z.reshape((weight.shape[0], x.shape[0]) + out_hw).transpose(1, 0, 2, 3)
 
 
 @weight_gradient.register
