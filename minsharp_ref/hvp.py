@@ -168,7 +168,7 @@ def weight_gradient(layer, g: np.ndarray, a: np.ndarray) -> np.ndarray:
 @weight_gradient.register
 def _(layer: Dense, g, a):
     """Σ_n g aᵀ, times Gemm's alpha, transposed for a stored (in, out) weight."""
-    gw = layer.weight_coef * (np.ascontiguousarray(g.T) @ np.ascontiguousarray(a))
+    gw = layer.weight_coef * (g.T @ a)
     return gw.T if layer.weight_transposed else gw
 
 
