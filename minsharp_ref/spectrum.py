@@ -139,6 +139,11 @@ def extreme_eigenpairs(op: LinearOperator, k: int = 1, which: str = "LA",
         order = np.argsort(values)[::-1] if which == "LA" else np.argsort(values)
         values, vectors = values[order][:k], vectors[:, order][:, :k]
     else:
+        found = lanczos_extreme(op, k, which, tol, seed, min(n - 1, LANCZOS_STEPS + 10 * k))
+        if found is not None:
+            values, vectors = found
+            return [Eigenpair(float(values[j]), residual(op, float(values[j]), vectors[:, j]),
+                              vectors[:, j]) for j in range(len(values))]
         try:
             values, vectors = eigsh(op, k=k, which=which, tol=tol, maxiter=max_iter,
                                     v0=start_vector(n, seed))
@@ -150,6 +155,40 @@ def extreme_eigenpairs(op: LinearOperator, k: int = 1, which: str = "LA",
         values, vectors = values[order], vectors[:, order]
     return [Eigenpair(float(values[j]), residual(op, float(values[j]), vectors[:, j]),
                       vectors[:, j]) for j in range(len(values))]
+
+
+#: Lanczos steps (plus 10 per eigenvalue) before ``extreme_eigenpairs`` hands over to ARPACK
+LANCZOS_STEPS = 40
+
+
+def lanczos_extreme(op: LinearOperator, k: int, which: str, tol: float, seed: int,
+                    steps: int):
+    """Plain Lanczos with full reorthogonalisation from ``start_vector(seed)``, stopped as
+    soon as the k wanted Ritz pairs (θ, y) have ‖Hy − θy‖ = β_j |s_jk| ≤ tol·|θ| (ARPACK's
+    criterion, without its minimum of 20 vectors and restarts). Returns (values, vectors),
+    largest first for "LA", smallest first for "SA", or None when ``steps`` did not suffice
+    (the caller then runs ARPACK)."""
+    n = op.shape[0]
+    basis = np.empty((steps, n))
+    alpha, beta = np.zeros(steps), np.zeros(steps)
+    v = start_vector(n, seed)
+    for j in range(steps):
+        basis[j] = v
+        w = op.matvec(v)
+        alpha[j] = w @ v
+        q = basis[:j + 1]
+        w -= q.T @ (q @ w)
+        w -= q.T @ (q @ w)  # twice is enough (Kahan, Parlett)
+        b = float(np.linalg.norm(w))
+        theta, s = np.linalg.eigh(np.diag(alpha[:j + 1]) + np.diag(beta[:j], 1) + np.diag(beta[:j], -1))
+        if j + 1 >= k:
+            idx = np.arange(j, j - k, -1) if which == "LA" else np.arange(k)
+            bound = b * np.abs(s[-1, idx])
+            if np.all(bound <= tol * np.abs(theta[idx])) or b <= 1e-14 * np.abs(theta).max():
+                return theta[idx], q.T @ s[:, idx]
+        beta[j] = b
+        v = w / b
+    return None
 
 
 # ------------------------------------------------------------------------ the density
