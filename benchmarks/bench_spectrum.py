@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("minsharp-1e-6", "minsharp-1e-8", "pyhessian-default", "pyhessian-1e-6",
+METHODS = ("minsharp-1e-6", "minsharp-1e-8", "minsharp-1e-3", "pyhessian-default", "pyhessian-1e-6",
            "curvlinops-1e-6")
 ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

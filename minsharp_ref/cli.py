@@ -527,10 +527,10 @@ def spectrum(
             phases.start("import")
             state = {"phase": None}
 
-            def progress(phase: str, count: int) -> None:
+            def progress(phase: str, count: int, estimate: int) -> None:
                 if phase != state["phase"]:
-                    state["phase"] = phase
-                    phases.start(phase, None, "products")
+                    state["phase"], state["base"] = phase, count - 1
+                    phases.start(phase, max(estimate - count + 1, 1), "products")
                 phases.advance(1)
 
             run = run_spectrum(model, d, o, loss=loss,

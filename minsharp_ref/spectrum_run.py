@@ -15,7 +15,7 @@ from .errors import MinsharpError
 from .group import folded_view, group_sharpness, rescaling_group
 from .hvp_operator import DEFAULT_BATCH_SIZE, DEFAULT_CACHE_BYTES, HessianOperator
 from .rescale import group_parameters
-from .spectrum import (DEFAULT_TOL, Eigenpair, check_against_score, extreme_eigenpairs,
+from .spectrum import (DEFAULT_TOL, LANCZOS_STEPS, Eigenpair, check_against_score, extreme_eigenpairs,
                        file_source, load_network, slq_density)
 
 SPECTRUM_SCHEMA = "minsharp-ref/spectrum/v1"
@@ -89,14 +89,17 @@ def rescaled_to_alpha_star(network, result):
 def run_spectrum(model, d: DataOptions, o: SpectrumOptions, loss: Optional[str] = None,
                  input_shape: Optional[Sequence[int]] = None,
                  progress: Optional[Callable[[str, int], None]] = None) -> SpectrumRun:
-    """Everything ``spectrum`` reports. ``progress(phase, products)`` is called after every
-    product (for a progress display)."""
+    """Everything ``spectrum`` reports. ``progress(phase, products, estimate)`` is called
+    after every product (for a progress display; ``estimate``: an upper estimate of the
+    count at the end of the phase)."""
     start = time.perf_counter()
     network, imported = load_network(model, loss, input_shape)
     if o.matrix not in ("hessian", "ggn"):
         raise MinsharpError(f"--matrix must be hessian or ggn, not {o.matrix!r}")
     if o.tol < 0 or not np.isfinite(o.tol):
         raise MinsharpError(f"--tol must be a non-negative number, not {o.tol}")
+    if o.top < 1:
+        raise MinsharpError(f"--top must be at least 1, not {o.top}")
     source, info = file_source(network, d.data, d.split, d.x_key, d.y_key, d.mean, d.std,
                                d.limit, d.batch_size)
     if o.matrix == "hessian" and info["y_key"] is None:
@@ -106,14 +109,16 @@ def run_spectrum(model, d: DataOptions, o: SpectrumOptions, loss: Optional[str] 
     op = _Counted(HessianOperator(network, source, o.matrix, d.cache_bytes), progress)
     timings: dict = {}
 
-    def timed(name, fn):
+    def timed(name, fn, pairs: int = 1):
         t0 = time.perf_counter()
         op.phase = name
+        op.cap = op.count + pairs * (LANCZOS_STEPS + 11)  # an upper estimate, for time left
         out = fn()
         timings[f"{name}_s"] = time.perf_counter() - t0
         return out
 
-    top = timed("top", lambda: extreme_eigenpairs(op, o.top, "LA", o.tol, o.max_iter, o.seed))
+    top = timed("top", lambda: extreme_eigenpairs(op, o.top, "LA", o.tol, o.max_iter, o.seed),
+                o.top)
     smallest = None
     if o.smallest:
         smallest = timed("smallest", lambda: extreme_eigenpairs(
@@ -123,7 +128,7 @@ def run_spectrum(model, d: DataOptions, o: SpectrumOptions, loss: Optional[str] 
         per_tensor = timed("per_tensor", lambda: {
             name: extreme_eigenpairs(_Counted(op.inner.block(name), progress, op),
                                      1, "LA", o.tol, o.max_iter, o.seed)[0]
-            for name in op.inner.layout.names})
+            for name in op.inner.layout.names}, len(op.inner.layout.names))
     density = None
     if o.density:
         density = timed("density", lambda: slq_density(op, o.density_runs, o.density_steps,
@@ -182,6 +187,7 @@ class _Counted:
         self.shape, self.dtype = inner.shape, inner.dtype
         self.count = 0
         self.phase = "top" if parent is None else parent.phase
+        self.cap = 0
         self.slices = inner.slices
 
     @property
@@ -195,7 +201,7 @@ class _Counted:
             node = node.parent
         if self.progress is not None:
             root = self if self.parent is None else self.parent
-            self.progress(root.phase, root.count)
+            self.progress(root.phase, root.count, root.cap)
 
     def matvec(self, v):
         out = self.inner.matvec(v)

@@ -261,3 +261,29 @@ def test_cli_errors(tmp_path, args, message):
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and message in r.stderr and r.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_lambda_max_at_alpha_star_is_alpha_invariant(tmp_path):
+    """λ_max moves under an α-scale transformation; λ_max at α* does not (docs/method.md
+    section 13)."""
+    import onnx
+
+    from minsharp_ref.spectrum_run import DataOptions, SpectrumOptions, run_spectrum
+
+    built = oracle.build((4,), [("gemm", dict(out=5)), ("relu", {}), ("gemm", dict(out=4)),
+                                ("relu", {}), ("gemm", dict(out=3))], seed=11)
+    x = oracle.data(built, 12)
+    y = oracle.labels(built, 12)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    docs = []
+    for i, b in enumerate([built, oracle.rescale(built, [4.0, 0.5, 0.5])]):
+        onnx.save(b.proto, tmp_path / f"m{i}.onnx")
+        run = run_spectrum(str(tmp_path / f"m{i}.onnx"), DataOptions(str(tmp_path / "d.npz")),
+                           SpectrumOptions(tol=1e-12))
+        docs.append(run.doc)
+    a, b = docs
+    assert abs(a["top"][0]["value"] - b["top"][0]["value"]) > 1e-2 * a["top"][0]["value"]
+    assert abs(a["trace"] - b["trace"]) > 1e-2 * a["trace"]
+    star_a, star_b = a["lambda_max_at_alpha_star"]["value"], b["lambda_max_at_alpha_star"]["value"]
+    assert abs(star_a - star_b) <= 1e-8 * star_a
+    assert abs(a["minimum_sharpness"] - b["minimum_sharpness"]) <= 1e-9 * a["minimum_sharpness"]
