@@ -238,8 +238,9 @@ def test_cli_check_and_ggn(tmp_path):
     out = tmp_path / "s.json"
     r = cli("spectrum", str(FIXTURES / "mlp_torchscript.onnx"), "--data", str(MNIST),
             "--mean", "0.5", "--std", "0.5", "--limit", "16", "--check", "--matrix", "ggn",
-            "--per-tensor", "--json", str(out), "--quiet")
+            "--per-tensor", "--json", str(out), "--quiet", "--density", str(tmp_path / "d.svg"))
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "d.svg").read_text().lstrip().startswith("<?xml")
     assert r.stdout == ""
     doc = json.loads(out.read_text())
     assert doc["matrix"] == "ggn" and doc["check"]["diagonal"]["passed"]
