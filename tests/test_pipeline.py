@@ -140,6 +140,17 @@ def test_commands_that_score_share_the_run_and_data_options():
         for opt in shared:
             helps.setdefault(opt, set()).add(options[opt].help)
     assert all(len(h) == 1 for h in helps.values()), "one declaration per option"
+    # the other commands that read data: the same declarations of the options they take
+    data = {"--split", "--x-key", "--mean", "--std", "--input-shape", "--limit"}
+    takes = {"rescale": data | {"--engine", "--precision", "--provider", "--workers",
+                                "--batch-size", "--memory-budget"},
+             "spectrum": data | {"--y-key", "--loss", "--batch-size"}}
+    for name, wanted in takes.items():
+        options = {opt: p for p in command.commands[name].params for opt in p.opts}
+        assert wanted <= options.keys(), (name, wanted - options.keys())
+        for opt in wanted:
+            if opt in helps:
+                assert {options[opt].help} == helps[opt], (name, opt)
 
 
 # ----------------------------------------------------------------------------- structure
