@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 
 from .api import ScoreResult, score, score_arrays  # noqa: E402
 from .errors import MinsharpError  # noqa: E402
+from .spectrum import hessian_operator  # noqa: E402
 
-__all__ = ["score", "score_arrays", "ScoreResult", "MinsharpError", "__version__"]
+__all__ = ["score", "score_arrays", "ScoreResult", "MinsharpError", "hessian_operator", "__version__"]

@@ -20,6 +20,7 @@ from .group import folded_view, group_sharpness, log_scale_names, rescaling_grou
 from .ir import Network
 from .onnx_import import ImportedModel, import_model
 from .runtime import FIDELITY_RTOL
+from .options import RunOptions
 from .scoring import (DEFAULT_MEMORY_BUDGET, DEFAULT_PRECISION, ENGINES, TraceSums,  # noqa: F401
                       batch_size_for, traces_over)  # traces_over, batch_size_for: public here too
 
@@ -77,6 +78,10 @@ class ScoreResult:
     #: networks with BatchNorm: the folded parametrisation that minimum sharpness is
     #: computed on (docs/method.md section 10): its layers, naive trace and standard error
     folded: Optional[dict] = None
+    #: which forward produced the activations the traces are computed from, and in which
+    #: precision: "numpy-float64" (the IR, float64 end to end), "onnxruntime-cpu-float32"
+    #: (the NumPy engine on onnxruntime's activations), "trace-graph-cpu-float32", ...
+    forward: str = "numpy-float64"
 
     def to_dict(self) -> dict:
         doc = {"schema": SCORE_SCHEMA, "minsharp_ref_version": __version__}
@@ -214,21 +219,29 @@ def summarise(imported: ImportedModel, sums: TraceSums, has_labels: bool) -> Sum
                    sums.loss_stderr if has_labels else None, at_alpha)
 
 
-def more_measures(network: Network, summary: Summary, diagonal: dict) -> dict:
+def more_measures(network: Network, summary: Summary, diagonal: dict,
+                  imported: Optional[ImportedModel] = None, rerun: Optional[Callable] = None) -> dict:
     """``--measures``: normalised sharpness per parameterised layer (docs/method.md section
-    12; with BatchNorm on the original parametrisation, each γ a diagonal layer) and the
+    12; with BatchNorm on the original parametrisation, each γ a diagonal layer), the
     per-layer traces at the minimiser of MS (section 9: t_p/α*_p², u_p/c*_p², summing to MS;
-    all equal to MS/D for a chain without biases; with BatchNorm on the folded view)."""
+    all equal to MS/D for a chain without biases; with BatchNorm on the folded view) and,
+    given ``imported``, the neuron-wise minimum sharpness (section 13; ``rerun``: the second
+    pass over the data for its standard error, see ``neuron_measure``)."""
     from .measures import normalised_sharpness
 
     ns = normalised_sharpness(network, diagonal)
-    return {
+    doc = {
         "normalised_sharpness": {
             "value": sum(n.value for n in ns),
             "layers": [{"value": n.value, "lower_bound": n.lower_bound,
                         "gradient_norm": n.gradient_norm} for n in ns]},
         "traces_at_alpha": summary.traces_at_alpha,
     }
+    if imported is not None:
+        from .neuron_measure import neuron_minimum_sharpness
+
+        doc["neuron_minimum_sharpness"] = neuron_minimum_sharpness(imported, diagonal, rerun)
+    return doc
 
 
 def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
@@ -242,43 +255,59 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
           on_start: Optional[Callable[[int], None]] = None, engine: str = "numpy",
           client=None, shard_size: Optional[int] = None,
           scatter_data: bool = False,
-          on_phase: Optional[Callable[[str], None]] = None) -> ScoreResult:
+          on_phase: Optional[Callable[[str], None]] = None,
+          workers: Optional[int] = None,
+          options: Optional[RunOptions] = None) -> ScoreResult:
     """Exact per-tensor Hessian traces and the minimum sharpness of an ONNX model on data.
 
     ``model``: path of an .onnx file (or an ``ImportedModel``); ``data``: path of an .npz.
-    With ``diagonal`` the result's ``diagonal`` attribute holds the exact Hessian diagonal of
-    every parameter tensor (initializer name → array); with ``per_sample`` its ``per_sample``
-    attribute holds each sample's trace contributions (initializer name → (N,), and
-    ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and the traces
-    at α*. ``engine``: "numpy" (the float64 reference, default) or "onnxruntime" (the trace
-    graph, float32 unless ``precision="float64"``, certified against the reference on its
-    first batch, at most 64 samples); ``precision`` defaults to the engine's. ``loss``
-    ("cross-entropy", "binary" or "mse") overrides the loss the model's head suggests. With a Dask ``client``
-    (``distributed.Client``) the samples are scored in shards of ``shard_size`` consecutive
-    samples on its workers (docs/dask.md); without one, in this process (in one piece, or
-    shard by shard when ``shard_size`` is given). ``on_start(samples)`` and
-    ``progress(n)`` report the pass over the data, ``on_phase("solver")`` its end (for a
-    progress display). Raises ``MinsharpError`` on bad input.
+    The run options (``engine``, ``precision``, ``provider``, ``workers``, ``batch_size``,
+    ``memory_budget``, ``diagonal``, ``per_sample``, ``loss``) are checked before any work
+    and travel as one ``RunOptions`` (or pass ``options``, a ``RunOptions``, instead of
+    them). With ``diagonal`` the result's ``diagonal`` attribute holds the exact Hessian
+    diagonal of every parameter tensor (initializer name → array); with ``per_sample`` its
+    ``per_sample`` attribute holds each sample's trace contributions (initializer name →
+    (N,), and ``"trace"``); with ``measures``, ``measures`` holds normalised sharpness and
+    the traces at α*. ``engine``: "numpy" (the float64 reference, default: the IR's float64
+    forward with ``provider`` "auto" or "numpy", onnxruntime's activations with "cpu" or
+    "cuda") or "onnxruntime" (the trace graph, float32 unless ``precision="float64"``,
+    certified against the reference on its first batch, at most 64 samples);
+    ``precision`` defaults to the engine's. ``workers``: batches at once (default: the
+    cores this process may use; the numbers do not depend on it). ``loss``
+    ("cross-entropy", "binary" or "mse") overrides the loss the model's head suggests. With
+    a Dask ``client`` (``distributed.Client``) the samples are scored in shards of
+    ``shard_size`` consecutive samples on its workers (docs/dask.md); without one, in this
+    process (in one piece, or shard by shard when ``shard_size`` is given).
+    ``on_start(samples)`` and ``progress(n)`` report the pass over the data,
+    ``on_phase("solver")`` its end (for a progress display). Raises ``MinsharpError`` on
+    bad input.
     """
     from .shards import SHARD_BATCHES, DataSpec, merge, score_shard, shard_ranges
 
+    given = dict(engine=engine, precision=precision, provider=provider, workers=workers,
+                 batch_size=batch_size, memory_budget=memory_budget, diagonal=diagonal,
+                 per_sample=per_sample, loss=loss)
+    if options is None:
+        options = RunOptions(**given)
+    else:
+        changed = [k for k, v in given.items() if v != RUN_DEFAULTS[k]]
+        if changed:
+            raise MinsharpError(f"give either options= or {', '.join(changed)}, not both")
+    if measures and not options.diagonal:
+        options = options.but(diagonal=True)
     start = time.perf_counter()
     imported = model if isinstance(model, ImportedModel) else import_model(
         model, None if input_shape is None else tuple(input_shape))
-    imported = with_loss(imported, loss)
+    imported = with_loss(imported, options.loss)
     t_import = time.perf_counter() - start
     network = imported.network
     dataset = open_dataset(data, split, x_key, y_key, limit)
     dataset.close()
     prep = Preprocessing(mean, std)
-    if engine not in ENGINES:
-        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    precision = precision or DEFAULT_PRECISION[engine]
-    bs = batch_size_for(network, memory_budget, batch_size, precision, engine, provider)
+    bs = batch_size_for(network, options.memory_budget, options.batch_size, options.precision,
+                        options.engine, options.provider)
     path = dataset.path if client is None else dataset.path.resolve()  # workers' cwd may differ
     spec = DataSpec(str(path), split, dataset.x_key, dataset.y_key, limit, prep, bs)
-    options = {"provider": provider, "precision": precision, "diagonal": diagonal or measures,
-               "per_sample": per_sample, "engine": engine}
     samples = dataset.samples
     default = bs * SHARD_BATCHES if client is not None else samples
     ranges = shard_ranges(samples, default if shard_size is None else shard_size)
@@ -299,7 +328,16 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
                  "samples": sums.n, "preprocessing": prep.describe(dataset.x.dtype),
                  "batch_size": min(bs, sums.n), "precision": run.precision}
     summary = summarise(imported, sums, dataset.y is not None)
-    timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start}
+    timings = {"import_s": t_import, **run.timings, "total_s": time.perf_counter() - start,
+               "workers": run.workers}
+    measures_doc = None
+    if measures:  # the second pass (neuron-wise MS's s.e.) runs here, shard by shard
+        def rerun(rescaled: ImportedModel) -> TraceSums:
+            opts = options.but(diagonal=False, per_sample=False)
+            return merge([score_shard(rescaled, spec, a, b, opts) for a, b in ranges]).sums
+
+        measures_doc = more_measures(network, summary, run.diagonal, imported, rerun)
+    originals = {name for _, _, name in tensor_columns(network)}  # not the folded view's
     per_sample_dict = None
     if run.per_sample is not None:  # initializer name → (N,), plus each sample's total
         per_sample_dict = {name: run.per_sample[:, i]
@@ -316,11 +354,19 @@ def score(model, data, *, split: str = "train", x_key: Optional[str] = None,
         loss=summary.loss, accuracy=summary.accuracy, postprocessing=network.postprocessing,
         fidelity={"max_scaled_difference": run.fidelity, "tolerance": FIDELITY_RTOL},
         warnings=tuple(run.warnings + summary.warnings), timings=timings,
-        measures=more_measures(network, summary, run.diagonal) if measures else None,
-        loss_kind=network.loss, loss_stderr=summary.loss_stderr, diagonal=run.diagonal,
+        measures=measures_doc, loss_kind=network.loss, loss_stderr=summary.loss_stderr,
+        diagonal=None if run.diagonal is None else
+        {k: v for k, v in run.diagonal.items() if k in originals},
         per_sample=per_sample_dict,
-        classes=tuple(summary.classes), folded=summary.folded, distributed=distributed)
+        classes=tuple(summary.classes), folded=summary.folded, distributed=distributed,
+        forward=run.forward)
     return result
+
+
+#: the defaults of ``score``'s run-option keywords (to refuse them beside ``options=``)
+RUN_DEFAULTS = dict(engine="numpy", precision=None, provider="auto", workers=None,
+                    batch_size=None, memory_budget=DEFAULT_MEMORY_BUDGET, diagonal=False,
+                    per_sample=False, loss=None)
 
 
 def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: int = 1000,
@@ -347,6 +393,7 @@ def score_arrays(model, x: np.ndarray, *, provider: str = "numpy", batch_size: i
         raise MinsharpError(f"input of shape {x.shape}; the model expects (N, "
                             f"{', '.join(map(str, imported.network.input_shape))})")
     xs = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
-    run = traces_over(imported, xs, None, provider, precision=precision, engine=engine)
+    run = traces_over(imported, xs, None, RunOptions(engine=engine, precision=precision,
+                                                     provider=provider))
     summary = summarise(imported, run.sums, False)
     return summary.layers, summary.trace, summary.minimum_sharpness

@@ -12,35 +12,26 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
 from . import __version__
 from .errors import MinsharpError, first_line
+from . import cli_options as O
+from .cli_options import parse_bytes  # noqa: F401 (public here before cli_options)
 from .progress import Phases
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Exact Hessian traces and minimum sharpness of ReLU networks from ONNX.")
 
 
-def _numbers(text: Optional[str], option: str, kind=float) -> Optional[list]:
-    """A comma-separated option value as a list of floats (or ints)."""
-    if text is None:
-        return None
-    try:
-        return [kind(v) for v in text.split(",")]
-    except ValueError:
-        what = "integers" if kind is int else "numbers"
-        raise MinsharpError(f"{option} must be comma-separated {what}, not {text!r}") from None
-
-
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
-    return _numbers(text, option, float)
+    return O.numbers(text, option, float)
 
 
 def _ints(text: Optional[str], option: str) -> Optional[list[int]]:
-    return _numbers(text, option, int)
+    return O.numbers(text, option, int)
 
 
 def check_output_dir(path: Path) -> Path:
@@ -97,21 +88,22 @@ def run_guarded(debug: bool, body: Callable[[], int]) -> None:
 def score(
     model: Path = typer.Argument(..., help="ONNX model file."),
     data: Path = typer.Option(..., "--data", help=".npz data file (Keras mnist layout or x/y)."),
-    split: str = typer.Option("train", help="train or test (Keras layout)."),
-    x_key: Optional[str] = typer.Option(None, "--x-key", help="Key of the inputs in the .npz."),
-    y_key: Optional[str] = typer.Option(None, "--y-key", help="Key of the labels (optional)."),
-    mean: Optional[str] = typer.Option(None, help="Mean to subtract: a scalar or one per channel, comma-separated."),
-    std: Optional[str] = typer.Option(None, help="Std to divide by: a scalar or one per channel."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per batch (default: up to 256, about 128 MiB of engine memory; lowered to fit --memory-budget)."),
-    memory_budget: str = typer.Option("1G", "--memory-budget", help="Memory for the trace engine (both batches in flight), e.g. 512M, 2G."),
-    provider: str = typer.Option("auto", help="auto | cuda | cpu (onnxruntime) | numpy (float64 reference forward)."),
-    precision: Optional[str] = typer.Option(None, help="Precision of the back-propagated signals: float64 (reference) or float32 (sums stay float64). Default: float64 for --engine numpy, float32 for --engine onnxruntime."),
+    split: O.Split = "train",
+    x_key: O.XKey = None,
+    y_key: O.YKey = None,
+    mean: O.Mean = None,
+    std: O.Std = None,
+    limit: O.Limit = None,
+    batch_size: O.BatchSize = None,
+    memory_budget: O.MemoryBudget = "1G",
+    provider: O.Provider = "auto",
+    precision: O.Precision = None,
+    workers: O.Workers = None,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
     diag_path: Optional[Path] = typer.Option(None, "--diag", help="Write the exact Hessian diagonal of every parameter tensor (.npz keyed by initializer name, float64)."),
     per_sample_path: Optional[Path] = typer.Option(None, "--per-sample", help="Write each sample's trace contributions (.npz keyed by initializer name, plus 'trace')."),
     measures: bool = typer.Option(False, "--measures", help="Also report normalised sharpness and the per-layer traces at alpha*."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, for models whose input has dynamic dimensions."),
+    input_shape: O.InputShape = None,
     max_sharpness: Optional[float] = typer.Option(None, "--max-sharpness", help="Exit 1 when minimum sharpness exceeds this."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors and failed gates on stderr (the JSON and the exit code stay)."),
@@ -120,10 +112,10 @@ def score(
     max_increase: Optional[str] = typer.Option(None, "--max-increase", help="Gate: exit 1 when minimum sharpness exceeds the baseline's by more than this: 10% (relative) or 2.5 (absolute)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="More gated quantities against the baseline, e.g. trace,loss:2%,accuracy:0.01 (accuracy gates a decrease; no threshold: --max-increase's)."),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Count only worsenings beyond K standard errors of the difference."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib (the plot extra)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests; see docs/exporting.md)."),
-    engine: str = typer.Option("numpy", "--engine", help="numpy (float64 reference, default) | onnxruntime (the trace graph on --provider's device, float32 unless --precision float64; certified on its first batch, at most 64 samples)."),
-    dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs pip install 'minsharp-ref[dask]'; see docs/dask.md."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a figure of the per-layer traces (naive and at alpha*, log scale; with the baseline's): FILE.png or FILE.svg. Needs matplotlib: " + O.install_hint("plot") + "."),
+    loss: O.Loss = None,
+    engine: O.Engine = "numpy",
+    dask: Optional[str] = typer.Option(None, "--dask", help="Score on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes on this machine). Needs " + O.install_hint("dask") + "; see docs/dask.md."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default with --dask: 8 batches; without: one shard)."),
     scatter_data: bool = typer.Option(False, "--scatter-data", help="With --dask: read the samples here and ship them to the workers (for workers that cannot read DATA)."),
 ):
@@ -136,6 +128,10 @@ def score(
         from .plot import check_plot_path, plot_bytes
         from .report import Output, score_blocks, score_markdown
 
+        options = O.run_options(engine, precision, provider, workers, batch_size, memory_budget,
+                                diagonal=diag_path is not None or measures,
+                                per_sample=per_sample_path is not None, loss=loss)
+        data_kwargs = O.data_options(split, x_key, y_key, mean, std, limit, input_shape)
         if max_sharpness is not None and not max_sharpness >= 0:
             raise MinsharpError(f"--max-sharpness must be a non-negative number, not {max_sharpness}")
         if output_format not in ("table", "markdown", "json"):
@@ -160,13 +156,8 @@ def score(
             with cluster as client:
                 phases.start("import")
                 on_start, progress = phases.samples("scoring" if dask is None else "shards")
-                result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                                   mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                                   batch_size=batch_size, provider=provider,
-                                   memory_budget=parse_bytes(memory_budget), precision=precision,
-                                   diagonal=diag_path is not None, per_sample=per_sample_path is not None,
-                                   measures=measures, input_shape=_ints(input_shape, "--input-shape"),
-                                   loss=loss, progress=progress, on_start=on_start, engine=engine,
+                result = run_score(model, data, **data_kwargs, options=options,
+                                   measures=measures, progress=progress, on_start=on_start,
                                    client=client, shard_size=shard_size, scatter_data=scatter_data,
                                    on_phase=phases.maybe_slow)
                 phases.done()
@@ -208,19 +199,6 @@ def npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
-def parse_bytes(text: str) -> int:
-    units = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1] if t and t[-1] in units else ""
-    try:
-        value = float(t[:-1] if unit else t) * units[unit]
-    except ValueError:
-        raise MinsharpError(f"--memory-budget {text!r} is not a size like 512M or 2G") from None
-    if value <= 0:
-        raise MinsharpError(f"--memory-budget must be positive, not {text!r}")
-    return int(value)
-
-
 @app.command()
 def rescale(
     model: Path = typer.Argument(..., help="ONNX model file."),
@@ -232,13 +210,21 @@ def rescale(
     seed: int = typer.Option(0, help="Seed for --random and --neurons."),
     spread: float = typer.Option(6.0, help="Decades spanned by random α or γ."),
     data: Optional[Path] = typer.Option(None, "--data", help="Check on a batch of this .npz (default: random inputs)."),
-    split: str = typer.Option("train"),
-    x_key: Optional[str] = typer.Option(None, "--x-key"),
-    mean: Optional[str] = typer.Option(None),
-    std: Optional[str] = typer.Option(None),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
+    split: O.Split = "train",
+    x_key: O.XKey = None,
+    mean: O.Mean = None,
+    std: O.Std = None,
+    input_shape: O.InputShape = None,
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    to_neuron_minimum: bool = typer.Option(False, "--to-neuron-minimum", help="Rescale every unit/channel to the minimiser of the neuron-wise minimum sharpness on --data (docs/method.md section 13): the written model's naive trace is that value."),
+    limit: O.Limit = None,
+    engine: O.Engine = "numpy",
+    precision: O.Precision = None,
+    provider: O.Provider = "auto",
+    workers: O.Workers = None,
+    batch_size: O.BatchSize = None,
+    memory_budget: O.MemoryBudget = "1G",
 ):
     """Write a function-preserving rescaling of MODEL (docs/method.md section 5, or section 12 with --neurons;
     networks with branches or BatchNorm: --random or --alpha per class over the group of docs/method.md section 9).
@@ -247,10 +233,11 @@ def rescale(
     agree to float32 tolerance."""
 
     def body() -> int:
+        import math
+
         import numpy as np
 
         from .onnx_import import import_model
-        import math
 
         from .group import folded_view, rescaling_group
         from .report import Output
@@ -263,12 +250,22 @@ def rescale(
         network = imported.network
         rng = np.random.default_rng(seed)
         chosen = [name for name, on in (("--alpha", alpha is not None), ("--random", random),
-                                        ("--neurons", neurons)) if on]
+                                        ("--neurons", neurons),
+                                        ("--to-neuron-minimum", to_neuron_minimum)) if on]
         if len(chosen) != 1:
-            raise MinsharpError("give exactly one of --alpha, --random or --neurons")
+            raise MinsharpError("give exactly one of --alpha, --random, --neurons or --to-neuron-minimum")
         if spread <= 0:
             raise MinsharpError(f"--spread must be positive, not {spread:g}")
-        if uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
+        if to_neuron_minimum:
+            from .data import Preprocessing
+            from .neuron_measure import to_neuron_minimum as neuron_minimum
+
+            options = O.run_options(engine, precision, provider, workers, batch_size,
+                                    memory_budget)
+            kw = O.data_options(split, x_key, None, mean, std, limit, input_shape)
+            params, what = neuron_minimum(imported, data, Preprocessing(kw["mean"], kw["std"]),
+                                          options=options, split=split, x_key=x_key, limit=limit)
+        elif uses_group(network):  # DAG or BatchNorm: one ℓ per class of tied tensors
             if neurons or normalize:
                 raise MinsharpError("this network has branches or BatchNorm: --random, or "
                                     "--alpha with one scale per class of tied tensors")
@@ -317,34 +314,44 @@ def _check_batch(network, data, split, x_key, mean, std, rng, size: int = 64):
 def invariance(
     model: Path = typer.Argument(..., help="ONNX model file."),
     data: Path = typer.Option(..., "--data", help=".npz data file."),
-    split: str = typer.Option("train"),
-    x_key: Optional[str] = typer.Option(None, "--x-key"),
-    mean: Optional[str] = typer.Option(None),
-    std: Optional[str] = typer.Option(None),
+    split: O.Split = "train",
+    x_key: O.XKey = None,
+    mean: O.Mean = None,
+    std: O.Std = None,
     limit: int = typer.Option(1000, help="Samples to score (held in memory for all trials)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    provider: str = typer.Option("numpy", help="numpy (float64 reference, default) | auto | cuda | cpu."),
+    batch_size: O.BatchSize = None,
+    provider: O.Provider = "auto",
+    engine: O.Engine = "numpy",
+    precision: O.Precision = None,
+    workers: O.Workers = None,
+    memory_budget: O.MemoryBudget = "1G",
     trials: int = typer.Option(50, help="Number of α draws."),
     seed: int = typer.Option(0, help="Seed of the hypothesis draws."),
     spread: float = typer.Option(6.0, help="Decades spanned by the drawn α (at least 6 recommended)."),
-    rtol: Optional[float] = typer.Option(None, help="Tolerance on the relative MS deviation (default 1e-9 for numpy, 1e-4 for onnxruntime)."),
+    rtol: Optional[float] = typer.Option(None, help="Tolerance on the relative MS deviation (default 1e-9 for the float64 reference, 1e-4 otherwise)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned JSON report here."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
+    input_shape: O.InputShape = None,
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
-    y_key: Optional[str] = typer.Option(None, "--y-key", help="Key of the labels (found as score finds them): not used by the traces, only checked against the loss, as score checks them."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
+    y_key: O.YKey = None,
+    loss: O.Loss = None,
+    neurons: bool = typer.Option(False, "--neurons", help="Draw neuron-wise rescalings (one factor per unit/channel) and check the neuron-wise minimum sharpness instead (docs/method.md section 13)."),
 ):
     """Check that minimum sharpness does not move under α-scale transformations drawn by
-    hypothesis, while the naive trace does. Exit 1 when it moves by more than --rtol."""
+    hypothesis, while the naive trace does (with --neurons: the neuron-wise minimum sharpness
+    under neuron-wise rescalings, while the layer-wise one and the naive trace move). Exit 1
+    when it moves by more than --rtol."""
 
     def body() -> int:
-        from .api import DEFAULT_MEMORY_BUDGET, batch_size_for, with_loss
+        from .api import batch_size_for, with_loss
         from .data import Preprocessing, check_labels_against_loss, load_batches
         from .invariance import check_invariance
         from .onnx_import import import_model
-        from .report import Output, invariance_blocks
+        from .report import Output, invariance_blocks, neuron_invariance_blocks
 
+        options = O.run_options(engine, precision, provider, workers, batch_size, memory_budget,
+                                loss=loss)
+        kw = O.data_options(split, x_key, y_key, mean, std, limit, input_shape)
         if trials < 1:
             raise MinsharpError(f"--trials must be at least 1, not {trials}")
         if spread <= 0:
@@ -353,23 +360,28 @@ def invariance(
             check_output_dir(json_path)
         with Phases(enabled=not quiet) as phases:
             phases.start("import")
-            imported = with_loss(import_model(model, _ints(input_shape, "--input-shape")), loss)
+            imported = with_loss(import_model(model, kw["input_shape"]), options.loss)
             network = imported.network
-            prep = Preprocessing(_floats(mean, "--mean"), _floats(std, "--std"))
-            bs = batch_size_for(network, DEFAULT_MEMORY_BUDGET, batch_size)
+            prep = Preprocessing(kw["mean"], kw["std"])
+            bs = batch_size_for(network, options.memory_budget, options.batch_size,
+                                options.precision, options.engine, options.provider)
             labels = check_labels_against_loss(data, split, x_key, y_key, limit,
                                                network.num_classes, network.loss)
             # held in memory: every trial re-scores the same batches
             xs, info = load_batches(data, network.input_shape, prep, bs, split, x_key, limit)
             info["y_key"] = labels
             phases.start("trials", trials, "trials")
-            result = check_invariance(imported, xs, provider=provider, trials=trials, seed=seed,
-                                      spread=spread, rtol=rtol, data_info=info,
-                                      on_trial=lambda _: phases.advance())
+            check = check_invariance
+            if neurons:
+                from .neuron_invariance import check_neuron_invariance as check
+            result = check(imported, xs, options=options, trials=trials, seed=seed,
+                           spread=spread, rtol=rtol, data_info=info,
+                           on_trial=lambda _: phases.advance())
         if json_path is not None:
             write_atomically(json_path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
         output = Output(quiet)
-        output.report(invariance_blocks(result, info["samples"]))
+        output.report(neuron_invariance_blocks(result, info["samples"]) if neurons
+                      else invariance_blocks(result, info["samples"]))
         for w in result.warnings:
             output.warning(w)
         return 0 if result.passed else 1
@@ -383,21 +395,25 @@ def verify(
     data: Path = typer.Option(..., "--data", help=".npz data file."),
     expected: Path = typer.Option(..., "--expected", help="Their numbers: minsharp-ref/expected/v1 or our score JSON."),
     expected_diag: Optional[Path] = typer.Option(None, "--expected-diag", help="Their Hessian diagonals (.npz keyed by initializer name)."),
-    split: str = typer.Option("train"),
-    x_key: Optional[str] = typer.Option(None, "--x-key"),
-    y_key: Optional[str] = typer.Option(None, "--y-key"),
-    mean: Optional[str] = typer.Option(None),
-    std: Optional[str] = typer.Option(None),
-    limit: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    provider: str = typer.Option("numpy", help="numpy (float64 reference, default) | auto | cuda | cpu."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape for models with dynamic input dimensions."),
+    split: O.Split = "train",
+    x_key: O.XKey = None,
+    y_key: O.YKey = None,
+    mean: O.Mean = None,
+    std: O.Std = None,
+    limit: O.Limit = None,
+    batch_size: O.BatchSize = None,
+    provider: O.Provider = "auto",
+    engine: O.Engine = "numpy",
+    precision: O.Precision = None,
+    workers: O.Workers = None,
+    memory_budget: O.MemoryBudget = "1G",
+    input_shape: O.InputShape = None,
     rtol: list[str] = typer.Option([], "--rtol", help=f"Relative tolerance (default {1e-5:g}); 'quantity:value' overrides one quantity."),
     atol: list[str] = typer.Option([], "--atol", help=f"Absolute tolerance (default {1e-8:g}); 'quantity:value' overrides one."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the comparison report here."),
     debug: bool = typer.Option(False, "--debug"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors (the JSON and the exit code stay)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="cross-entropy | binary | mse: the loss whose Hessian is traced (default: what the model's head suggests), as for score."),
+    loss: O.Loss = None,
 ):
     """Compare another framework's traces (and diagonals) with ours. Exit 0 all pass, 1 any
     fail, 2 input error."""
@@ -408,6 +424,9 @@ def verify(
                              load_expected, load_expected_diagonal, parse_tolerances, table_rows)
         from .report import Output, verify_blocks
 
+        options = O.run_options(engine, precision, provider, workers, batch_size, memory_budget,
+                                diagonal=expected_diag is not None, loss=loss)
+        data_kwargs = O.data_options(split, x_key, y_key, mean, std, limit, input_shape)
         rtols = parse_tolerances(rtol, "--rtol", DEFAULT_RTOL)
         atols = parse_tolerances(atol, "--atol", DEFAULT_ATOL)
         theirs = load_expected(expected)
@@ -417,11 +436,7 @@ def verify(
         with Phases(enabled=not quiet) as phases:
             phases.start("import")
             on_start, progress = phases.samples()
-            result = run_score(model, data, split=split, x_key=x_key, y_key=y_key,
-                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"), limit=limit,
-                               batch_size=batch_size, provider=provider,
-                               diagonal=theirs_diag is not None,
-                               input_shape=_ints(input_shape, "--input-shape"), loss=loss,
+            result = run_score(model, data, **data_kwargs, options=options,
                                progress=progress, on_start=on_start, on_phase=phases.maybe_slow)
         notes = data_mismatches(result, theirs)
         rows = compare(result, theirs, result.diagonal, theirs_diag, rtols, atols)
@@ -472,6 +487,88 @@ def export_trace_graph(
         typer.echo(f"wrote {output} ({len(data) / 2 ** 20:.1f} MiB, {precision}"
                    f"{', with the Hessian diagonal' if diag else ''}; passes onnx.checker full check)")
         return 0
+
+    run_guarded(debug, body)
+
+
+@app.command()
+def spectrum(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    data: Path = typer.Option(..., "--data", help=".npz data file (Keras mnist layout or x/y)."),
+    split: O.Split = "train",
+    x_key: O.XKey = None,
+    y_key: O.YKey = None,
+    mean: O.Mean = None,
+    std: O.Std = None,
+    limit: O.Limit = None,
+    input_shape: O.InputShape = None,
+    loss: O.Loss = None,
+    batch_size: O.BatchSize = None,
+    memory_budget: Annotated[str, typer.Option("--memory-budget", help="Memory for the forward activations kept between products, e.g. 512M, 2G; beyond it every product re-reads the data.")] = "1G",
+    top: int = typer.Option(1, "--top", help="Number of largest eigenvalues (Lanczos)."),
+    smallest: bool = typer.Option(False, "--smallest", help="Also the smallest (most negative) eigenvalue."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="Top eigenvalue of each tensor's diagonal block."),
+    matrix: str = typer.Option("hessian", "--matrix", help="hessian | ggn (the Gauss-Newton matrix)."),
+    density: Optional[Path] = typer.Option(None, "--density", help="Plot the spectral density (stochastic Lanczos quadrature): FILE.png or FILE.svg (the plot extra)."),
+    eigenvectors: Optional[Path] = typer.Option(None, "--eigenvectors", help="Write the top eigenvectors (.npz keyed by initializer name, shape (top, *tensor shape))."),
+    tol: float = typer.Option(1e-8, "--tol", help="Lanczos relative tolerance."),
+    max_iter: Optional[int] = typer.Option(None, "--max-iter", help="Lanczos restarts at most (default: ARPACK's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the start vector (and of --check's and --density's random vectors)."),
+    check: bool = typer.Option(False, "--check", help="Check the operator's diagonal and Hutchinson trace against score's exact ones."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report (minsharp-ref/spectrum/v1) here."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors."),
+):
+    """Exact Hessian spectrum of MODEL's mean loss on DATA: top eigenvalues, the smallest, per-tensor blocks, density."""
+
+    def body() -> int:
+        from .api import json_safe
+        from .plot import check_plot_path
+        from .report import Output
+        from .spectrum import density_plot_bytes
+        from .spectrum_run import DEFAULT_BATCH_SIZE as DEFAULT_SPECTRUM_BATCH
+        from .spectrum_run import DataOptions, SpectrumOptions, run_spectrum, spectrum_blocks
+
+        density_format = check_plot_path(density) if density is not None else None
+        for out in (json_path, eigenvectors, density):
+            if out is not None:
+                check_output_dir(out)
+        output = Output(quiet)
+        kw = O.data_options(split, x_key, y_key, mean, std, limit, input_shape)
+        if batch_size is not None and batch_size < 1:
+            raise MinsharpError(f"--batch-size must be at least 1, not {batch_size}")
+        d = DataOptions(str(data), split, x_key, y_key, kw["mean"], kw["std"], limit,
+                        batch_size or DEFAULT_SPECTRUM_BATCH, O.parse_bytes(memory_budget))
+        o = SpectrumOptions(top=top, smallest=smallest, per_tensor=per_tensor, matrix=matrix,
+                            tol=tol, max_iter=max_iter, seed=seed, density=density is not None,
+                            check=check)
+        with Phases(enabled=not quiet) as phases:
+            phases.start("import")
+            state = {"phase": None}
+
+            def progress(phase: str, count: int, estimate: int) -> None:
+                if phase != state["phase"]:
+                    state["phase"], state["base"] = phase, count - 1
+                    phases.start(phase, max(estimate - count + 1, 1), "products")
+                phases.advance(1)
+
+            run = run_spectrum(model, d, o, loss=loss, input_shape=kw["input_shape"],
+                               progress=progress)
+            phases.done()
+        doc = json_safe(run.doc)
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+        if eigenvectors is not None:
+            write_atomically(eigenvectors, npz_bytes(run.eigenvectors))
+        if density is not None:
+            write_atomically(density, density_plot_bytes(*run.density, density_format,
+                                                         f"{doc['matrix']} spectral density"))
+        if json_path is not None:
+            write_atomically(json_path, text)
+        output.report(spectrum_blocks(doc))
+        failed = [k for k, c in doc.get("check", {}).items() if not c["passed"]]
+        for k in failed:
+            output.failure(f"--check: the {k} check failed")
+        return 1 if failed else 0
 
     run_guarded(debug, body)
 

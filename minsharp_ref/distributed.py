@@ -24,7 +24,7 @@ INSTALL = "pip install 'minsharp-ref[dask]'"
 #: With scatter_data: shards shipped ahead of the results, per worker.
 SHARDS_IN_FLIGHT_PER_WORKER = 2
 #: Batches a task runs at once: one, since each Dask worker thread runs a task (a local run
-#: uses scoring.ENGINE_WORKERS threads instead). The numbers do not depend on it.
+#: uses ``RunOptions.workers`` threads instead). The numbers do not depend on it.
 THREADS_PER_TASK = 1
 
 
@@ -96,10 +96,12 @@ def check_workers(client) -> int:
     return len(versions)
 
 
-def run_shards(client, imported, spec, ranges: list[tuple[int, int]], options: dict,
+def run_shards(client, imported, spec, ranges: list[tuple[int, int]], options,
                progress: Optional[Callable[[int], None]] = None,
                scatter_data: bool = False) -> tuple[list, dict]:
     """Score each (start, stop) range with ``score_shard`` on the workers of ``client``.
+    ``options`` (a ``RunOptions``) reaches every task as it is, but for ``workers``:
+    THREADS_PER_TASK, since each Dask worker thread runs one task.
     Returns the shards' EngineRuns in shard order and the report's ``distributed`` object.
     On failure, raises the error of the lowest failing shard (as a local run would)."""
     from .shards import score_shard
@@ -107,7 +109,7 @@ def run_shards(client, imported, spec, ranges: list[tuple[int, int]], options: d
     distributed = _distributed()
     start = time.perf_counter()
     workers = check_workers(client)
-    options = {"threads": THREADS_PER_TASK, **options}
+    options = options.but(workers=THREADS_PER_TASK)
     model = client.scatter(imported, broadcast=True, hash=False)
     dataset = spec.open() if scatter_data else None
     shards = iter(enumerate(ranges))

@@ -32,7 +32,9 @@ from typing import Optional
 import numpy as np
 
 from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, LayerBase, LeakyRelu,
-                 MaxPool2d, Network, Pad2d, Relu, Reshape, Transpose, is_parameterised)
+                 MaxPool2d, Network, Pad2d, Relu, Reshape, Slice, Transpose,
+                 is_parameterised)
+from .plan import Plan, depends_on_parameters, traversal_plan
 from .windows import scatter_windows
 
 
@@ -45,7 +47,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def loss_hessian_sqrt(p: np.ndarray) -> np.ndarray:
     """A factor S with SᵀS = A = diag(p) − ppᵀ per sample, as (N, K − 1, K) signals.
 
-    Spec section 2 uses the K rows S_k = √p_k (e_k − p), which satisfy Σ_k √p_k S_k = 0. So
+    docs/method.md section 3 ("The S factorisation") uses the K rows S_k = √p_k (e_k − p), which satisfy Σ_k √p_k S_k = 0. So
     the row of the largest probability, m, is S_m = −Σ_{k≠m} v_k S_k with v_k = √(p_k/p_m),
     and with R the other K − 1 rows, A = Rᵀ(I + vvᵀ)R. Since (I + c vvᵀ)² = I + vvᵀ for
     c = 1/(1 + √(1 + ‖v‖²)), the K − 1 rows (I + c vvᵀ)R are an exact factor: one signal
@@ -120,6 +122,14 @@ def _(layer: Transpose, g, a):
     """Transpose: apply the inverse permutation to the per-sample axes."""
     inverse = np.argsort(layer.perm)
     return g.transpose((0, 1) + tuple(int(p) + 2 for p in inverse))
+
+
+@backprop.register
+def _(layer: Slice, g, a):
+    """Slice: the signal back in its place along the sliced axis, zeros elsewhere."""
+    out = np.zeros(g.shape[:2] + a.shape[1:], dtype=g.dtype)
+    out[layer.index(lead=2)] = g
+    return out
 
 
 @backprop.register
@@ -345,11 +355,10 @@ def first_param_index(network: Network) -> int:
     return next(i for i, l in enumerate(network.layers) if is_parameterised(l))
 
 
-def needed_inputs(network: Network) -> list[int]:
-    """Indices of the layers whose input the engine reads (from the first parameterised on)."""
-    start = first_param_index(network)
-    return [i for i, l in enumerate(network.layers)
-            if i >= start and isinstance(l, LAYERS_NEEDING_INPUT)]
+def needed_inputs(network: Network, plan: Optional[Plan] = None) -> list[int]:
+    """Indices of the layers whose input the engine reads (those the plan visits whose
+    rules read it)."""
+    return (plan or traversal_plan(network)).layers_reading_input(LAYERS_NEEDING_INPUT)
 
 
 def tensor_columns(network: Network) -> list[tuple[int, str, str]]:
@@ -363,79 +372,48 @@ def tensor_columns(network: Network) -> list[tuple[int, str, str]]:
 
 
 def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
-                          logits: np.ndarray, dtype=np.float64):
-    """Back-propagate the signals of ``loss_hessian_factor`` from the logits; yield, for each
-    parameterised layer from the last to the first, (its index among the parameterised
-    layers, the layer, the signals at its output (N, R, *out_shape), its input).
+                          logits: np.ndarray, dtype=np.float64, plan: Optional[Plan] = None):
+    """Back-propagate the signals of ``loss_hessian_factor`` from the logits along the
+    traversal plan (``plan.traversal_plan``: reverse topological order, a tensor read by
+    several layers receives the sum of their signals before its producer is visited,
+    docs/method.md section 9); yield, for each parameterised layer from the last to the
+    first, (its index among the parameterised layers, the layer, the signals at its output
+    (N, R, *out_shape), its input).
 
     ``inputs[i]`` is layer i's input where the engine needs it (``needed_inputs``); other
     entries may be None. ``dtype`` is the precision of the signals: float64 (the reference)
     or float32 (pass a network already cast with ``Network.astype``)."""
-    if not network.is_chain:
-        yield from _dag_signals(network, inputs, logits, dtype)
-        return
-    shapes = network.layer_shapes()
+    plan = plan or traversal_plan(network)
+    shapes = network.tensor_shapes()
     n = logits.shape[0]
-    g = loss_hessian_factor(logits, network.loss).astype(dtype, copy=False)
-    start = first_param_index(network)
-    d = len(network.param_layers)
-    for i in range(len(network.layers) - 1, start - 1, -1):
-        layer = network.layers[i]
-        a = inputs[i]
+    pending = {network.logits_name: loss_hessian_factor(logits, network.loss)
+               .astype(dtype, copy=False)}
+    for step in plan.backward_steps:
+        layer = step.layer
+        g = pending.pop(step.output)
+        a = inputs[step.index]
         if a is None:  # shape-only layers: a stand-in with the right shape and no data
-            a = np.broadcast_to(np.zeros((), dtype=dtype), (n,) + shapes[i])
+            a = np.broadcast_to(np.zeros((), dtype=dtype), (n,) + shapes[layer.input_name])
         a = a.astype(dtype, copy=False)
-        if is_parameterised(layer):
-            d -= 1
-            yield d, layer, g, a
-        if i > start:
-            g = backprop(layer, g, a)
+        if step.param_index is not None:
+            yield step.param_index, layer, g, a
+        if not step.passes_back:
+            continue
+        out = backprop(layer, g, a)
+        for name, part, sends, first in zip(layer.inputs, out if isinstance(out, tuple) else (out,),
+                                            step.sends, step.first_send):
+            if sends:
+                pending[name] = part if first else pending[name] + part
 
 
 def signal_tensors(network: Network) -> set[str]:
     """Tensors that depend on some parameter: where signals must arrive."""
-    out: set[str] = set()
-    for layer in network.layers:
-        if is_parameterised(layer) or any(n in out for n in layer.inputs):
-            out.add(layer.output_name)
-    return out
-
-
-def _dag_signals(network: Network, inputs, logits: np.ndarray, dtype):
-    """``signals_at_parameters`` for a DAG (docs/method.md section 9): layers are visited in
-    reverse topological order; each tensor's signal is complete (the sum over its readers)
-    before its producer is visited."""
-    shapes = network.tensor_shapes()
-    n = logits.shape[0]
-    needs = signal_tensors(network)
-    pending = {network.logits_name: loss_hessian_factor(logits, network.loss)
-               .astype(dtype, copy=False)}
-    d = len(network.param_layers)
-    for i in range(len(network.layers) - 1, -1, -1):
-        layer = network.layers[i]
-        if is_parameterised(layer):
-            d -= 1
-        g = pending.pop(layer.output_name, None)
-        if g is None:
-            continue
-        a = inputs[i]
-        if a is None:  # shape-only layers: a stand-in with the right shape and no data
-            a = np.broadcast_to(np.zeros((), dtype=dtype), (n,) + shapes[layer.input_name])
-        a = a.astype(dtype, copy=False)
-        if is_parameterised(layer):
-            yield d, layer, g, a
-        targets = [name in needs for name in layer.inputs]
-        if not any(targets):
-            continue
-        out = backprop(layer, g, a)
-        for name, part, wanted in zip(layer.inputs, out if isinstance(out, tuple) else (out,),
-                                      targets):
-            if wanted:
-                pending[name] = pending[name] + part if name in pending else part
+    return depends_on_parameters(network)
 
 
 def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
-                      logits: np.ndarray, dtype=np.float64, diagonal: bool = False):
+                      logits: np.ndarray, dtype=np.float64, diagonal: bool = False,
+                      plan: Optional[Plan] = None):
     """Per-sample trace contributions, (N, number of parameter tensors), float64, columns
     in the order of ``tensor_columns``; their mean over samples is Tr H_dd.
 
@@ -444,7 +422,7 @@ def per_sample_traces(network: Network, inputs: list[Optional[np.ndarray]],
     H_dd), from the same back-propagated signals."""
     results: list[np.ndarray] = []
     diagonals: dict[str, np.ndarray] = {}
-    for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype):
+    for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype, plan):
         t_w, t_b = measure_into(layer, g, a, diagonals if diagonal else None)
         results.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
     traces = np.stack(results[::-1], axis=1).astype(np.float64)

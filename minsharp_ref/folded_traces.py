@@ -23,15 +23,17 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import measure, measure_into, signals_at_parameters, tensor_columns
+from .engine import measure_into, signals_at_parameters, tensor_columns
 from .ir import BatchNorm, Network
 
 
 def traces_with_folded(network: Network, folded: Network, inputs: list[Optional[np.ndarray]],
                        logits: np.ndarray, dtype=np.float64, diagonal: bool = False):
     """Per-sample traces (N, columns of ``network``) and (N, columns of ``folded``), float64,
-    in the order of ``tensor_columns``, and with ``diagonal`` the original tensors' diagonal
-    batch sums (as ``per_sample_traces``). ``network`` and ``folded`` in the signal dtype."""
+    in the order of ``tensor_columns``, and with ``diagonal`` the diagonal batch sums (as
+    ``per_sample_traces``) of the original tensors and of the folded view's own tensors (named
+    ``<weight> (folded)``, ``<β> (folded)``: the neuron-wise minimum sharpness needs them,
+    docs/method.md section 13). ``network`` and ``folded`` in the signal dtype."""
     by_output = {layer.output_name: p for p, layer in enumerate(folded.param_layers)}
     folded_into: dict[str, int] = {}  # original dense/conv output → the folded layer it became
     for layer in network.param_layers:
@@ -42,16 +44,17 @@ def traces_with_folded(network: Network, folded: Network, inputs: list[Optional[
     parts: list[Optional[tuple]] = [None] * len(folded.param_layers)
     waiting: dict[int, np.ndarray] = {}  # folded layer → the signal at its output
     diagonals: dict[str, np.ndarray] = {}
+    store = diagonals if diagonal else None
     for _, layer, g, a in signals_at_parameters(network, inputs, logits, dtype):
         t_w, t_b = measure_into(layer, g, a, diagonals if diagonal else None)
         original.extend([t_b, t_w] if t_b is not None else [t_w])  # reversed below
         if layer.output_name in folded_into:  # W of a folded pair: the BN's output signal
             p = folded_into[layer.output_name]
-            parts[p] = measure(folded.param_layers[p], waiting.pop(p), a)
+            parts[p] = measure_into(folded.param_layers[p], waiting.pop(p), a, store)
         elif isinstance(layer, BatchNorm):
             p = by_output[layer.output_name]
             if isinstance(folded.param_layers[p], BatchNorm):  # stays: a diagonal layer
-                parts[p] = measure(folded.param_layers[p], g, a)
+                parts[p] = measure_into(folded.param_layers[p], g, a, store)
             else:
                 waiting[p] = g
         else:

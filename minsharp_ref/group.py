@@ -1,8 +1,9 @@
 """The rescaling group of a DAG and minimum sharpness over it (docs/method.md sections 9, 10).
 
 Every tensor v carries a log-scale ℓ_v; ℓ = 0 on the network input and on the logits. The
-fixed positively homogeneous layers (ReLU, pooling, Pad, Reshape, Transpose) and the layers
-that join branches (Add, Concat) need one common ℓ on all their inputs and their output, so
+fixed positively homogeneous layers (ReLU, pooling, Pad, Reshape, Transpose, Slice: a channel
+selection or permutation ties the classes it maps) and the layers that join branches (Add,
+Concat) need one common ℓ on all their inputs and their output, so
 the tensors fall into classes (union-find); each class other than the input's and the
 logits' is a free variable. A parameterised layer from tensor ``in`` to ``out`` transforms as
 W → e^{ℓ_out − ℓ_in} W, b → e^{ℓ_out} b, its traces as t → t e^{−2(ℓ_out − ℓ_in)},

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .api import summarise
+from .options import RunOptions
 from .scoring import traces_over
 from .onnx_import import ImportedModel
 from .rescale import alpha_parameters, apply_to_proto, group_parameters, uses_group
@@ -44,6 +45,17 @@ class InvarianceResult:
     loss_kind: str = "cross-entropy"
     #: the unscaled model's scoring warnings, in ``score``'s words
     warnings: list[str] = field(default_factory=list)
+    #: which forward produced the activations (as in the score report)
+    forward: str = "numpy-float64"
+    #: networks with BatchNorm: the folded parametrisation's naive trace (minimum sharpness
+    #: is minimised over it; ``base_trace`` and the trials' traces are the original's)
+    base_folded_trace: Optional[float] = None
+
+    @property
+    def parametrisation(self) -> dict:
+        """Which parametrisation each number is of (docs/method.md section 10)."""
+        folded = self.base_folded_trace is not None
+        return {"trace": "original", "minimum_sharpness": "folded" if folded else "original"}
 
     @property
     def max_deviation(self) -> float:
@@ -73,7 +85,9 @@ class InvarianceResult:
             "model": self.model, "data": self.data, "provider": self.provider,
             "loss_kind": self.loss_kind,
             "rtol": self.rtol, "seed": self.seed, "spread_decades": self.spread,
-            "base": {"trace": self.base_trace, "minimum_sharpness": self.base_minimum_sharpness},
+            "forward": self.forward, "parametrisation": self.parametrisation,
+            "base": {"trace": self.base_trace, "minimum_sharpness": self.base_minimum_sharpness,
+                     "folded_trace": self.base_folded_trace},
             "trials": [dataclasses.asdict(t) for t in self.trials],
             "max_deviation": self.max_deviation, "trace_ratio": self.trace_ratio,
             "falsifying_alpha": self.falsifying_alpha, "passed": self.passed,
@@ -81,10 +95,17 @@ class InvarianceResult:
         })
 
 
-def _score(imported: ImportedModel, batches: list[np.ndarray], provider: str, check: bool):
-    run = traces_over(imported, iter(batches), None, provider, check=check)
+def _score(imported: ImportedModel, batches: list[np.ndarray], options: RunOptions, check: bool):
+    run = traces_over(imported, iter(batches), None, options, check=check)
     summary = summarise(imported, run.sums, False)
-    return summary.trace, summary.minimum_sharpness, run.provider, run.warnings + summary.warnings
+    return summary, run
+
+
+def proto_provider(options: RunOptions) -> str:
+    """The provider argument of the transforms: the rescaled ONNX proto is needed only where
+    onnxruntime runs the model itself (the NumPy engine's --provider cpu or cuda)."""
+    return options.provider if options.engine == "numpy" and options.provider in ("cpu", "cuda") \
+        else "numpy"
 
 
 def rescaled_model(imported: ImportedModel, alpha: np.ndarray, provider: str) -> ImportedModel:
@@ -132,24 +153,37 @@ def log10_alpha_strategy(half: float):
     return st.tuples(*[st.booleans()] * (1 + MAGNITUDE_BITS)).map(value)
 
 
-def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, provider: str,
-                     trials: int, seed: int, spread: float, rtol: Optional[float],
-                     data_info: dict, on_trial: Optional[Callable[[Trial], None]] = None,
-                     transform: Callable = rescaled_model) -> InvarianceResult:
+def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *,
+                     provider: Optional[str] = None, trials: int, seed: int, spread: float,
+                     rtol: Optional[float], data_info: dict,
+                     on_trial: Optional[Callable[[Trial], None]] = None,
+                     transform: Callable = rescaled_model,
+                     options: Optional[RunOptions] = None) -> InvarianceResult:
     """Draw α with hypothesis (log-uniform over ``spread`` decades, plus the extremes and
     values next to 1: ``log10_alpha_strategy``), re-score, and let hypothesis shrink any α whose minimum sharpness
     deviates by more than rtol to a minimal failing one. DAG and BatchNorm networks draw
-    e^ℓ per free class of the rescaling group instead (``Trial.alpha`` holds them)."""
+    e^ℓ per free class of the rescaling group instead (``Trial.alpha`` holds them).
+    ``options`` (a ``RunOptions``; or just a ``provider``) says how each draw is scored.
+    With BatchNorm the naive trace is the original parametrisation's and minimum sharpness
+    the folded one's (docs/method.md section 10): ``parametrisation`` names both, and
+    ``base_folded_trace`` gives the folded network's naive trace beside it."""
     from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
 
-    base_trace, base_ms, used, warnings = _score(imported, batches, provider, check=True)
-    tol = DEFAULT_RTOL.get(used, 1e-4) if rtol is None else rtol
+    if options is None:
+        options = RunOptions(provider=provider or "auto")
+    provider = proto_provider(options)
+    summary, run = _score(imported, batches, options, check=True)
+    base_trace, base_ms = summary.trace, summary.minimum_sharpness
+    reference = run.forward == "numpy-float64" and run.precision == "float64"
+    tol = (DEFAULT_RTOL["numpy"] if reference else 1e-4) if rtol is None else rtol
     result = InvarianceResult(
         model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
-        provider=used, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
-        base_minimum_sharpness=base_ms, loss_kind=imported.network.loss, warnings=warnings)
+        provider=run.provider, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
+        base_minimum_sharpness=base_ms, loss_kind=imported.network.loss,
+        warnings=run.warnings + summary.warnings, forward=run.forward,
+        base_folded_trace=None if summary.folded is None else summary.folded["trace"])
     grouped = uses_group(imported.network)
     if grouped:
         from .group import rescaling_group
@@ -176,7 +210,8 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *, prov
         key = tuple(np.round(log10, 12))
         assume(failing or key not in seen)  # distinct draws only (the shrink phase may repeat)
         seen.add(key)
-        trace, ms, _, _ = _score(transform(imported, alpha, provider), batches, provider, check=False)
+        drawn, _ = _score(transform(imported, alpha, provider), batches, options, check=False)
+        trace, ms = drawn.trace, drawn.minimum_sharpness
         deviation = abs(ms - base_ms) / base_ms if base_ms > 0 else abs(ms)
         trial = Trial(tuple(alpha.tolist()), trace, ms, deviation)
         if not failing:

@@ -102,6 +102,30 @@ class Transpose(LayerBase):
 
 
 @dataclass(frozen=True)
+class Slice(LayerBase):
+    """x[start:stop] along one per-sample axis (step 1): a selection of channels (ONNX Slice
+    and each output of Split, as torch.chunk / torch.split export). Positively homogeneous
+    and it mixes nothing, so its output shares its input's scale (docs/method.md section 9);
+    back-propagation puts the signal back in place, zeros elsewhere."""
+
+    axis: int = 0
+    start: int = 0
+    stop: int = 0
+
+    def output_shape(self, in_shape):
+        if not 0 <= self.start < self.stop <= in_shape[self.axis]:
+            raise ValueError(f"slice {self.start}:{self.stop} of an axis of {in_shape[self.axis]}")
+        return in_shape[:self.axis] + (self.stop - self.start,) + in_shape[self.axis + 1:]
+
+    def index(self, lead: int = 1) -> tuple:
+        """The NumPy index of the slice for arrays with ``lead`` axes before the sample's."""
+        return (slice(None),) * (lead + self.axis) + (slice(self.start, self.stop),)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x[self.index()]
+
+
+@dataclass(frozen=True)
 class Pad2d(LayerBase):
     """Zero padding of the two spatial axes of a (C, H, W) tensor: (top, left, bottom, right)."""
 
@@ -357,8 +381,8 @@ class Concat(LayerBase):
 
 
 ParamLayer = Union[Dense, Conv2d, BatchNorm]
-Layer = Union[InputAffine, Relu, LeakyRelu, Reshape, Transpose, Pad2d, MaxPool2d, AvgPool2d,
-              Dense, Conv2d, BatchNorm, Add, Concat]
+Layer = Union[InputAffine, Relu, LeakyRelu, Reshape, Transpose, Slice, Pad2d, MaxPool2d,
+              AvgPool2d, Dense, Conv2d, BatchNorm, Add, Concat]
 
 
 def is_parameterised(layer: LayerBase) -> bool:

@@ -190,9 +190,12 @@ def _stderr(value: Optional[float]) -> str:
 def engine_line(doc: dict) -> str:
     """The onnxruntime engine and its certification against the float64 NumPy engine."""
     check = doc["engine_check"]
+    floored = check.get("floored_tensors") or 0
+    below = (f"; {floored} tensor{'s' * (floored > 1)} below {check['floor']:.2g} of the total "
+             f"trace judged against that floor" if floored else "")
     return (f"engine: {doc['engine']} ({doc['provider']}, {doc['precision']}); engine check "
             f"{check['max_relative_deviation']:.2g} against the float64 NumPy engine on "
-            f"{check['samples']} samples (tolerance {check['tolerance']:g})")
+            f"{check['samples']} samples (tolerance {check['tolerance']:g}{below})")
 
 
 def score_blocks(doc: dict) -> list[Block]:
@@ -207,7 +210,8 @@ def score_blocks(doc: dict) -> list[Block]:
     fidelity = doc.get("fidelity", {})
     fid = fidelity.get("max_scaled_difference")
     checked = "not checked" if fid is None else f"{fid:.2g}"
-    blocks.append(f"forward: {doc.get('provider')}; import fidelity {checked} "
+    forward = doc.get("forward") or doc.get("provider")
+    blocks.append(f"forward: {forward}, signals {doc.get('precision')}; import fidelity {checked} "
                   f"(tolerance {fidelity.get('tolerance', math.nan):g})")
     blocks.append(f"loss: {doc.get('loss_kind', 'cross-entropy')}")
     if doc.get("engine_check"):
@@ -255,6 +259,8 @@ def score_blocks(doc: dict) -> list[Block]:
         blocks.append("traces at alpha*" + (" (folded)" if doc.get("folded") else "") + "     " + ", ".join(
             f"{l['weight']:.6g}" + ("" if l["bias"] is None else f"+{l['bias']:.3g}")
             for l in m["traces_at_alpha"] if l["weight"] is not None))
+        if m.get("neuron_minimum_sharpness"):
+            blocks.append(Strong(neuron_line(m["neuron_minimum_sharpness"])))
     base = doc.get("baseline")
     if base:
         blocks += ["", f"baseline {base['path']} (sha256 {base['sha256'][:12]}, model sha256 "
@@ -263,6 +269,17 @@ def score_blocks(doc: dict) -> list[Block]:
         blocks += ["", gate_table(doc["gates"])]
         blocks += [f"note: {g['note']}" for g in doc["gates"] if g.get("note")]
     return blocks
+
+
+def neuron_line(n: dict) -> str:
+    """The neuron-wise minimum sharpness (docs/method.md section 13) in one line."""
+    se = n.get("stderr")
+    solver = n.get("solver", {})
+    how = (f"{solver.get('iterations')} Newton steps, {solver.get('seconds', 0):.3g} s"
+           if n.get("attained") else
+           f"infimum, not attained: {solver.get('dropped_terms')} terms vanish only in the limit")
+    return (f"neuron-wise min. sharpness {n['value']:.8g}" + (f"  (± {se:.2g} s.e.)" if se is not None else "")
+            + f"  [{n['units']} units, {n['free_units']} free; {how}]")
 
 
 def _noise(c: dict) -> str:
@@ -329,6 +346,9 @@ def score_markdown(doc: dict) -> str:
     else:
         lines += markdown_table(Table(["", "value"], [[labels[q], v] for q, v in values.items()],
                                       frozenset({1})))
+    neuron = (doc.get("measures") or {}).get("neuron_minimum_sharpness")
+    if neuron:
+        lines += ["", neuron_line(neuron).replace("neuron-wise", "Neuron-wise", 1) + "."]
     lines.append("")
     lines += markdown_table(layer_table(doc))
     if doc.get("gates"):
@@ -357,14 +377,41 @@ def verify_blocks(notes: list[str], cells: list[list[str]], summary: str) -> lis
 def invariance_blocks(result, samples: int) -> list[Block]:
     rows = [[str(i + 1), f"{t.trace:.6g}", f"{t.minimum_sharpness:.15g}", f"{t.deviation:.2g}",
              ",".join(f"{a:.3g}" for a in t.alpha)] for i, t in enumerate(result.trials)]
+    folded = getattr(result, "base_folded_trace", None)
+    if folded is None:
+        trace_head = "naive Tr H"
+        unscaled = (f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
+                    f"{result.base_minimum_sharpness:.15g}")
+    else:  # BatchNorm: the naive traces are the original's, MS is the folded network's
+        trace_head = "naive Tr H (original)"
+        unscaled = (f"unscaled: naive trace {result.base_trace:.6g} (original parametrisation; "
+                    f"folded: {folded:.6g}), minimum sharpness "
+                    f"{result.base_minimum_sharpness:.15g} (over the folded parametrisation)")
     blocks: list[Block] = [
-        Table(["trial", "naive Tr H", "min. sharpness", "rel. dev.", "alpha"], rows,
+        Table(["trial", trace_head, "min. sharpness", "rel. dev.", "alpha"], rows,
               frozenset({0, 1, 2, 3})),
-        f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
-        f"{result.base_minimum_sharpness:.15g} ({result.provider}, {samples} samples, "
-        f"{result.loss_kind} loss)"]
+        f"{unscaled} ({result.provider}, {samples} samples, {result.loss_kind} loss)"]
     if result.falsifying_alpha is not None:
         blocks.append("minimal failing alpha (shrunk by hypothesis): "
                       + ",".join(f"{a:.6g}" for a in result.falsifying_alpha))
+    blocks.append(Strong(result.summary()))
+    return blocks
+
+
+def neuron_invariance_blocks(result, samples: int) -> list[Block]:
+    """``invariance --neurons``: per draw the naive trace and the layer-wise minimum
+    sharpness (which move) and the neuron-wise one (which must not)."""
+    rows = [[str(i + 1), f"{t.trace:.6g}", f"{t.minimum_sharpness:.6g}",
+             f"{t.neuron_minimum_sharpness:.15g}", f"{t.deviation:.2g}", f"{t.half_width:.3g}",
+             str(t.draw_seed)] for i, t in enumerate(result.trials)]
+    blocks: list[Block] = [
+        Table(["trial", "naive Tr H", "min. sharpness", "neuron-wise MS", "rel. dev.",
+               "log10 spread", "draw seed"], rows, frozenset({0, 1, 2, 3, 4, 5})),
+        f"unscaled: naive trace {result.base_trace:.6g}, minimum sharpness "
+        f"{result.base_minimum_sharpness:.6g}, neuron-wise {result.base_neuron_minimum_sharpness:.15g} "
+        f"({result.provider}, {samples} samples, {result.units} units)"]
+    if result.falsifying is not None:
+        blocks.append(f"minimal failing draw (shrunk by hypothesis): log10 spread "
+                      f"{result.falsifying[0]:.6g}, draw seed {result.falsifying[1]}")
     blocks.append(Strong(result.summary()))
     return blocks

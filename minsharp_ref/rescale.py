@@ -51,7 +51,8 @@ def random_alpha(d: int, rng: np.random.Generator, spread: float) -> np.ndarray:
 
 
 def alpha_parameters(network: Network, alpha: np.ndarray) -> dict[str, np.ndarray]:
-    """Spec section 3 on the stored initializers: weight × α_d, bias × c_d."""
+    """The α-scale transformation (docs/method.md section 5) on the stored initializers:
+    weight × α_d, bias × c_d."""
     params = {}
     c = np.cumprod(alpha)
     for d, layer in enumerate(network.param_layers):
@@ -177,7 +178,7 @@ def _channel_routing(network: Network, start: int, stop: int) -> np.ndarray:
 
 def neuron_parameters(network: Network, rng: np.random.Generator,
                       spread: float) -> dict[str, np.ndarray]:
-    """Spec section 5 with random γ_{d,i}, log-uniform over ``spread`` decades, for every
+    """Neuron-wise rescaling (docs/method.md section 12) with random γ_{d,i}, log-uniform over ``spread`` decades, for every
     hidden unit (channel) of every parameterised layer but the last."""
     positions = [i for i, l in enumerate(network.layers) if is_parameterised(l)]
     params = {}

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 from typing import Optional
 
 import numpy as np
@@ -28,10 +29,21 @@ class OrtUnavailable(MinsharpError):
     """onnxruntime cannot load or run the model."""
 
 
+#: One redirection of the process's file descriptors at a time: two threads that overlap
+#: (the onnxruntime engine builds its session while its first-batch checks build theirs)
+#: would otherwise restore each other's sink, and stderr stays lost for good.
+_QUIET_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
-def _quiet_stderr(capture: Optional[list] = None):
+def quiet_stderr(capture: Optional[list] = None):
     """Silence native-library logging on file descriptor 2 (CUDA probe error spam); with
     ``capture``, also file descriptor 1, and append what was written to the list."""
+    with _QUIET_LOCK:
+        yield from _redirected(capture)
+
+
+def _redirected(capture: Optional[list]):
     fds = (1, 2) if capture is not None else (2,)
     try:
         saved = [os.dup(fd) for fd in fds]
@@ -77,7 +89,7 @@ def cuda_usable() -> bool:
         options.log_severity_level = 3
         log: list[str] = []
         try:
-            with _quiet_stderr(capture=log):
+            with quiet_stderr(capture=log):
                 if hasattr(ort, "preload_dlls"):
                     ort.preload_dlls()
                 session = ort.InferenceSession(model.SerializeToString(), options,
@@ -190,7 +202,7 @@ class OrtForward:
         options.intra_op_num_threads = threads  # 0: onnxruntime's default
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         except Exception as exc:
             raise OrtUnavailable(f"onnxruntime cannot load the model: {first_line(exc)}") from None

@@ -1,42 +1,35 @@
-"""One pass over the data: forward and trace engine per batch (ENGINE_WORKERS batches at a
-time), float64 accumulation in batch order, the import-fidelity check and, for the fast
-engine, its certification against the float64 NumPy engine (docs/method.md sections 6, 7
-and 11). ``api.score`` and the per-shard function (``shards.score_shard``) both run it."""
+"""One pass over the data: an engine backend (``backends``) runs the batches, ``workers``
+at a time, and their results are accumulated in float64 in batch order, so that the
+numbers do not depend on the worker count (docs/method.md sections 6, 7 and 11; the
+checks of the first batch are the backend's). ``api.score`` and the per-shard function
+(``shards.score_shard``) both run it; ``batch_size_for`` and ``workers_for`` size the
+batches and the workers from the memory budget (docs/cli.md, "Workers and memory")."""
 
 from __future__ import annotations
 
 import math
-import time
-from contextlib import ExitStack
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from .engine import bytes_per_sample, per_sample_traces, tensor_columns
+from .backends import (BACKENDS, DTYPES, ENGINE_CHECK_RTOL, ENGINE_CHECK_SAMPLES,  # noqa: F401
+                       FIDELITY_SAMPLES, BatchResult, Checks)
+from .engine import tensor_columns
 from .errors import MinsharpError
-from .folded_traces import traces_with_folded
-from .group import folded_inputs, folded_view
+from .group import folded_view
 from .ir import Network
 from .onnx_import import ImportedModel
-from .runtime import OrtUnavailable, check_fidelity, cuda_usable, make_forward
-from .trace_graph.memory import graph_bytes_per_sample
+from .options import (DEFAULT_MEMORY_BUDGET, DEFAULT_PRECISION, ENGINES,  # noqa: F401
+                      RunOptions)
+from .runtime import cuda_usable
 
-DEFAULT_MEMORY_BUDGET = 1024 ** 3  # bytes
+PRECISIONS = DTYPES
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_BATCH_BYTES = 128 * 1024 ** 2  # per batch, for the default batch size
-#: Samples of the first batch on which the IR and onnxruntime logits are compared.
-FIDELITY_SAMPLES = 64
-PRECISIONS = {"float64": np.float64, "float32": np.float32}
-ENGINES = ("numpy", "onnxruntime")
-#: default precision per engine: the reference in float64, the fast engine in float32
-DEFAULT_PRECISION = {"numpy": "float64", "onnxruntime": "float32"}
-#: At most this many samples of the first batch (all of it when smaller) are re-scored by
-#: the float64 NumPy engine to certify a fast run, and the largest relative deviation of a
-#: per-tensor trace it accepts (``engine_check``).
-ENGINE_CHECK_SAMPLES = 64
-ENGINE_CHECK_RTOL = 1e-4
 
 
 @dataclass
@@ -100,28 +93,36 @@ class TraceSums:
 
 def batch_size_for(network: Network, memory_budget: int, requested: Optional[int],
                    precision: str = "float64", engine: str = "numpy", provider: str = "cpu") -> int:
-    """The requested batch size, lowered so that the ENGINE_WORKERS batches in flight fit
-    the budget together. By default, at most 256 samples, and on the CPU about
-    DEFAULT_BATCH_BYTES of engine memory per batch: small batches stay in cache (LeNet: ~40
-    samples for the NumPy engine, ~20 for the trace graph, which measured about 10% fewer
-    CPU seconds than at 80). The trace graph on CUDA (``provider`` "cuda", or "auto" where
-    CUDA loads) runs faster on large batches: as many as fit."""
+    """The batch size, from the batch size asked for and the memory budget alone (never the
+    worker count, so that the batch boundaries and every number are the same for any
+    number of workers): the requested size, lowered so that one batch fits the budget. By
+    default, at most 256 samples, and on the CPU about DEFAULT_BATCH_BYTES of engine memory
+    per batch: small batches stay in cache (LeNet: ~40 samples for the NumPy engine, ~20
+    for the trace graph, which measured about 10% fewer CPU seconds than at 80). The trace
+    graph on CUDA (``provider`` "cuda", or "auto" where CUDA loads) runs faster on large
+    batches: as many as fit. ``workers_for`` then runs as many batches at once as fit."""
     if requested is not None and requested < 1:
         raise MinsharpError(f"--batch-size must be at least 1, not {requested}")
     if memory_budget <= 0:
         raise MinsharpError(f"--memory-budget must be positive, not {memory_budget}")
-    itemsize = np.dtype(PRECISIONS.get(precision, np.float64)).itemsize
-    per_sample = (bytes_per_sample(network, itemsize) if engine == "numpy"
-                  else graph_bytes_per_sample(network, itemsize)) * ENGINE_WORKERS
+    per_sample = BACKENDS[engine].bytes_per_sample(network, precision)
     if per_sample > memory_budget:
-        raise MinsharpError(f"one sample in each of the {ENGINE_WORKERS} engine workers needs "
-                            f"about {per_sample / 2 ** 20:.1f} MiB, more than --memory-budget "
+        raise MinsharpError(f"one sample needs about {per_sample / 2 ** 20:.1f} MiB of engine "
+                            f"memory, more than --memory-budget "
                             f"({memory_budget / 2 ** 20:.1f} MiB)")
     fit = memory_budget // per_sample
     on_cpu = engine == "numpy" or provider == "cpu" or (provider == "auto" and not cuda_usable())
-    cache_sized = DEFAULT_BATCH_BYTES * ENGINE_WORKERS // per_sample if on_cpu else fit
+    cache_sized = DEFAULT_BATCH_BYTES // per_sample if on_cpu else fit
     default = max(1, min(DEFAULT_BATCH_SIZE, cache_sized))
     return int(min(requested or default, fit))
+
+
+def workers_for(network: Network, options: RunOptions, batch_size: int) -> int:
+    """How many batches of ``batch_size`` run at once: ``options.workers``, lowered so that
+    the batches in flight fit ``options.memory_budget`` together (at least one: a batch
+    fits by ``batch_size_for``). The numbers do not depend on it."""
+    per_batch = BACKENDS[options.engine].bytes_per_sample(network, options.precision) * batch_size
+    return int(max(1, min(options.workers, options.memory_budget // max(per_batch, 1))))
 
 
 @dataclass
@@ -138,6 +139,10 @@ class EngineRun:
     engine: str = "numpy"
     precision: str = "float64"  # what actually ran
     engine_check: Optional[dict] = None  # the fast engine's certification
+    #: which forward produced the activations: "numpy-float64" (the IR in float64),
+    #: "onnxruntime-cpu-float32", "trace-graph-cpu-float32", ...
+    forward: str = "numpy-float64"
+    workers: int = 1  # batches that ran at once (the numbers do not depend on it)
 
     @property
     def diagonal(self) -> Optional[dict]:
@@ -146,242 +151,106 @@ class EngineRun:
             {k: v / self.sums.n for k, v in self.diagonal_sum.items()}
 
 
-#: Batches processed at once, each by one worker thread with single-threaded BLAS (numpy's
-#: elementwise work is single-threaded, so two workers use both cores). Fixed, not the
-#: machine's core count, so that the batch size and every result are the same everywhere.
-ENGINE_WORKERS = 2
+class Accumulator:
+    """The float64 sums of a pass, batch after batch in batch order (each batch checked for
+    NaN/Inf first): traces, their outer products, losses, diagonals, per-sample rows."""
+
+    def __init__(self, columns: int, originals: int, labels: Optional[np.ndarray], loss: str,
+                 per_sample: bool, first_sample: int,
+                 progress: Optional[Callable[[int], None]]):
+        self.sums = TraceSums(columns)
+        self.originals, self.labels, self.loss = originals, labels, loss
+        self.rows: Optional[list] = [] if per_sample else None
+        self.first_sample, self.progress = first_sample, progress
+        self.diagonal: Optional[dict] = None
+        self.seconds = [0.0, 0.0]
+
+    def add(self, batch: BatchResult) -> None:
+        n = self.sums.n
+        if not np.all(np.isfinite(batch.logits)):
+            bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
+            raise MinsharpError(f"the logits are NaN/Inf for sample {self.first_sample + n + bad}: "
+                                "the network overflows on this input")
+        if not np.all(np.isfinite(batch.traces)):
+            raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
+                                f"{self.first_sample + n}")
+        if batch.diagonal is not None:
+            self.diagonal = batch.diagonal if self.diagonal is None else \
+                {k: self.diagonal[k] + v for k, v in batch.diagonal.items()}
+        self.sums.add(batch.traces)
+        if self.rows is not None:
+            self.rows.append(batch.traces[:, :self.originals])
+        self.seconds[0] += batch.seconds[0]
+        self.seconds[1] += batch.seconds[1]
+        if self.labels is not None:
+            self.sums.add_losses(*losses_and_correct(batch.logits, self.labels[n:self.sums.n],
+                                                     self.loss))
+        if self.progress:
+            self.progress(len(batch.x))
 
 
-@dataclass
-class _Batch:
-    x: np.ndarray
-    logits: np.ndarray
-    traces: np.ndarray
-    diagonal: Optional[dict]
-    seconds: tuple[float, float]  # forward, engine
-
-
-class _InLine:
-    """An executor that runs each job at once on the calling thread (``traces_over`` with
-    a thread budget)."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        future = Future()
-        try:
-            future.set_result(fn(*args))
-        except MinsharpError as exc:
-            future.set_exception(exc)
-        return future
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def in_order(pool: ThreadPoolExecutor, fn: Callable, xs: Iterable, workers: int) -> Iterator:
+    """``fn`` over ``xs`` on ``pool``, ``workers`` at a time (and the next batch read while
+    they run), the results yielded in the order of ``xs``."""
+    pending: deque = deque()
+    try:
+        for x in xs:
+            pending.append(pool.submit(fn, x))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # an error stops the run: the batches not started yet are not run
+        for future in pending:
+            future.cancel()
 
 
 def traces_over(imported: ImportedModel, xs: Iterable[np.ndarray], labels: Optional[np.ndarray],
-                provider: str, progress: Optional[Callable[[int], None]] = None,
-                precision: Optional[str] = None, check: bool = True, diagonal: bool = False,
-                per_sample: bool = False, engine: str = "numpy", first_sample: int = 0,
-                threads: Optional[int] = None) -> EngineRun:
-    """Run forward + engine over batches, ENGINE_WORKERS batches at a time (one on CUDA; at
-    most ``threads``), and accumulate the results in float64 in batch order (the result does
-    not depend on the number of threads). ``engine`` "onnxruntime" runs the trace graph,
-    certified on its first batch (at most ENGINE_CHECK_SAMPLES samples) by the float64
-    NumPy engine (``first_batch_checks``, ``compare_traces``); its checks run on a thread of
-    their own, started on the first batch as soon as it is read (beside building the session
-    and the batches), or in line when ``threads`` is given.
-    ``first_sample``: the index of the first sample in the data set (for error messages)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
+                options: Union[RunOptions, str, None] = None,
+                progress: Optional[Callable[[int], None]] = None, *, check: bool = True,
+                first_sample: int = 0, **legacy) -> EngineRun:
+    """Run an engine backend (``options.engine``) over the batches ``xs``, ``workers`` of
+    them at a time, each on one thread with single-threaded BLAS, and add their results in
+    float64 in batch order: the result does not depend on the number of workers. ``check``:
+    run the first batch's checks (import fidelity; the onnxruntime engine certifies its
+    first batch in any case). ``first_sample``: the index of the first sample in the data
+    set (for error messages). ``options`` may also be a provider name, with the other run
+    options as keywords (``precision=``, ``engine=``, ``threads=`` for ``workers``, ...)."""
     from threadpoolctl import threadpool_limits
 
+    if not isinstance(options, RunOptions):
+        if "threads" in legacy:
+            legacy["workers"] = legacy.pop("threads")
+        options = RunOptions.of(provider=options or "auto", **legacy)
+    elif legacy:
+        raise MinsharpError(f"give the run options in RunOptions, not as {', '.join(legacy)}")
     network = imported.network
-    if engine not in ENGINES:
-        raise MinsharpError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    precision = precision or DEFAULT_PRECISION[engine]
-    if precision not in PRECISIONS:
-        raise MinsharpError(f"--precision must be float64 or float32, not {precision!r}")
     columns = len(tensor_columns(network))
     folded = folded_view(network)  # BatchNorm: the folded network's columns follow the original ones
-    stack = ExitStack()  # exited last: the checks' thread, then the BLAS thread limit
-    stack.enter_context(threadpool_limits(1, user_api="blas"))
-    first_checks = None  # the onnxruntime engine's checks of the first batch, on their own thread
-    if engine == "onnxruntime":
-        from .trace_graph import check_supported
-        from .trace_graph.runner import TraceGraphRunner
-
-        check_supported(network)
-        # the checks of the first batch start at once, beside the session's creation
-        checker = stack.enter_context(ThreadPoolExecutor(1) if threads is None else _InLine())
-        xs = iter(xs)
-        first = next(xs, None)
-        if first is not None:
-            first_checks = checker.submit(first_batch_checks, imported, first, check)
-            check = False
-            xs = chain([first], xs)
-        try:
-            runner = TraceGraphRunner(network, provider, precision, diagonal)
-        except BaseException:
-            if first_checks is not None:
-                first_checks.cancel()
-            stack.close()
-            raise
-        provider_used, precision, workers = runner.provider, runner.precision, runner.workers
-
-        def job(x: np.ndarray) -> _Batch:
-            t0 = time.perf_counter()
-            traces, logits, diag = runner(x)
-            return _Batch(x, logits, traces, diag, (0.0, time.perf_counter() - t0))
-    else:
-        dtype = PRECISIONS[precision]
-        signal_network = network if dtype == np.float64 else network.astype(dtype)
-        signal_folded = folded if folded is None or dtype == np.float64 else folded.astype(dtype)
-        forward = make_forward(imported.proto, network, provider, threads=1)
-        provider_used, workers = forward.name, ENGINE_WORKERS
-
-        def job(x: np.ndarray) -> _Batch:
-            t0 = time.perf_counter()
-            logits, inputs = forward(x)
-            if not np.all(np.isfinite(logits)):
-                return _Batch(x, logits, np.empty(0), None, (0.0, 0.0))
-            t1 = time.perf_counter()
-            if folded is None:
-                traces, diag = per_sample_traces(signal_network, inputs, logits, dtype, diagonal=True) \
-                    if diagonal else (per_sample_traces(signal_network, inputs, logits, dtype), None)
-            else:  # the folded view's columns after the original ones, from the same signals
-                traces, traces_folded, diag = traces_with_folded(
-                    signal_network, signal_folded, inputs, logits, dtype, diagonal)
-                traces = np.hstack([traces, traces_folded])
-            return _Batch(x, logits, traces, diag, (t1 - t0, time.perf_counter() - t1))
-
-    sums = TraceSums(columns + (0 if folded is None else len(tensor_columns(folded))))
-    t_forward = t_engine = 0.0
-    fidelity = engine_check = None
-    diag_sums: Optional[dict] = None
-    rows = []
-    warnings = [runner.warning] if engine == "onnxruntime" and runner.warning else []
-
-    def collect(wait: bool):
-        """The results of the checks that have finished (with ``wait``, of all of them)."""
-        nonlocal fidelity, engine_check, first_checks, checking
-        if first_checks is not None and (wait or first_checks.done()):
-            fidelity, first_checks = first_checks.result()[0], None
-        if checking is not None and (wait or checking.done()):
-            engine_check, checking = checking.result(), None
-
-    def consume(batch: _Batch):
-        nonlocal check, diag_sums, t_forward, t_engine, checking, fidelity
-        if not np.all(np.isfinite(batch.logits)):
-            bad = int(np.argmax(~np.isfinite(batch.logits).all(axis=1)))
-            raise MinsharpError(f"the logits are NaN/Inf for sample {first_sample + sums.n + bad}: "
-                                "the network overflows on this input")
-        if check:  # the NumPy engine's (the onnxruntime engine's started with the run)
-            m = FIDELITY_SAMPLES
-            try:
-                fidelity = check_fidelity(imported.proto, network, batch.x[:m],
-                                          batch.logits[:m] if provider_used != "numpy" else None)
-            except OrtUnavailable as exc:
-                warnings.append(f"import fidelity not checked: {exc}")
-            check = False
-        if (first_checks is not None and checking is None and engine_check is None  # first batch
-                and np.all(np.isfinite(batch.traces))):
-            checking = checker.submit(compare_traces, first_checks, batch.traces)
-        collect(wait=False)  # a failed check stops the run as soon as it is known
-        if not np.all(np.isfinite(batch.traces)):
-            raise MinsharpError("the traces overflow (NaN/Inf) in the batch starting at sample "
-                                f"{first_sample + sums.n}")
-        if batch.diagonal is not None:
-            diag_sums = batch.diagonal if diag_sums is None else \
-                {k: diag_sums[k] + v for k, v in batch.diagonal.items()}
-        sums.add(batch.traces)
-        if per_sample:
-            rows.append(batch.traces[:, :columns])
-        t_forward += batch.seconds[0]
-        t_engine += batch.seconds[1]
-        if labels is not None:
-            sums.add_losses(*losses_and_correct(batch.logits, labels[sums.n - len(batch.x):sums.n],
-                                                network.loss))
-        if progress:
-            progress(len(batch.x))
-
-    if threads is not None:
-        workers = min(workers, threads)
-    checking = None
-    with stack, ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for x in xs:
-            pending.append(pool.submit(job, x))
-            if len(pending) >= max(workers, 2):  # the next batch is read while one runs
-                consume(pending.popleft().result())
-        while pending:
-            consume(pending.popleft().result())
-        collect(wait=True)
-    if sums.n == 0:
+    acc = Accumulator(columns + (0 if folded is None else len(tensor_columns(folded))), columns,
+                      labels, network.loss, options.per_sample, first_sample, progress)
+    xs = iter(xs)
+    first = next(xs, None)
+    if first is None:
         raise MinsharpError("no samples to score")
+    backend = BACKENDS[options.engine](imported, options, check)
+    with threadpool_limits(1, user_api="blas"):
+        try:
+            backend.prepare(first)
+            workers = min(backend.workers, workers_for(network, options, len(first)))
+            with ThreadPoolExecutor(workers) as pool:
+                for batch in in_order(pool, backend.run, chain([first], xs), workers):
+                    acc.add(batch)
+                    backend.check(batch)
+            checks = backend.finish()
+        finally:
+            backend.close()
     return EngineRun(
-        sums, provider_used, fidelity, {"forward_s": t_forward, "engine_s": t_engine},
-        diag_sums,
-        np.concatenate(rows) if per_sample else None, warnings, engine, precision, engine_check)
-
-
-def first_batch_checks(imported: ImportedModel, x: np.ndarray,
-                       fidelity: bool) -> tuple[Optional[float], np.ndarray]:
-    """The onnxruntime engine's checks of its first batch ``x``, from one float64 forward
-    of its first samples: with ``fidelity`` the import-fidelity check of its first
-    FIDELITY_SAMPLES samples (else None), and ``reference_traces`` of its first
-    ENGINE_CHECK_SAMPLES samples."""
-    network = imported.network
-    m = max(FIDELITY_SAMPLES, ENGINE_CHECK_SAMPLES)
-    logits, inputs = network.forward(x[:m], keep_inputs=True)
-    diff = None
-    if fidelity:
-        f = FIDELITY_SAMPLES
-        diff = check_fidelity(imported.proto, network, x[:f], ref_logits=logits[:f])
-    e = ENGINE_CHECK_SAMPLES
-    return diff, reference_traces(network, logits[:e], [None if a is None else a[:e]
-                                                        for a in inputs])
-
-
-def reference_traces(network: Network, logits: np.ndarray, inputs: list) -> np.ndarray:
-    """The float64 NumPy engine's per-sample traces from the IR's float64 forward (``logits``,
-    layer ``inputs``), every column: what ``compare_traces`` checks the fast engine by. A
-    BatchNorm network's folded columns come from a backward pass through the folded network
-    itself, not from ``traces_with_folded``: the certificate stays independent of that
-    shortcut."""
-    ref = per_sample_traces(network, inputs, logits)
-    folded = folded_view(network)
-    if folded is not None:  # BatchNorm: the folded parametrisation's columns are checked too
-        ref = np.hstack([ref, per_sample_traces(folded, folded_inputs(network, folded, inputs),
-                                                logits)])
-    return ref
-
-
-def compare_traces(checks, traces: np.ndarray) -> dict:
-    """The fast engine's certificate: the largest relative deviation of a per-tensor trace
-    (mean over the samples that ``checks``, the future of ``first_batch_checks``, scored
-    with the float64 NumPy engine; ``traces`` holds the fast engine's for the same samples
-    first), |fast − ref| / |ref|, must be at most ENGINE_CHECK_RTOL (a tensor whose
-    reference trace is 0 counts its absolute deviation relative to the total)."""
-    per_sample = checks.result()[1]
-    m = len(per_sample)
-    ref = per_sample.mean(axis=0)
-    fast = traces[:m].mean(axis=0)
-    scale = np.where(ref != 0, np.abs(ref), max(float(np.abs(ref).sum()), np.finfo(float).tiny))
-    deviation = float(np.max(np.abs(fast - ref) / scale))
-    # rounded to 2 significant digits: a diagnostic that must not depend on thread timing
-    deviation = float(f"{deviation:.2g}")
-    if not deviation <= ENGINE_CHECK_RTOL:
-        raise MinsharpError(f"engine check failed: the onnxruntime engine's per-tensor traces "
-                            f"differ from the float64 NumPy engine's by {deviation:.3g} "
-                            f"(relative, on the first {m} samples; "
-                            f"tolerance {ENGINE_CHECK_RTOL:g}); use --engine numpy")
-    return {"max_relative_deviation": deviation, "samples": int(m),
-            "tolerance": ENGINE_CHECK_RTOL}
+        acc.sums, backend.provider, checks.fidelity,
+        {"forward_s": acc.seconds[0], "engine_s": acc.seconds[1]}, acc.diagonal,
+        np.concatenate(acc.rows) if acc.rows is not None else None,
+        backend.warnings + checks.warnings, options.engine, backend.precision,
+        checks.engine_check, backend.forward_label, workers)
 
 
 def losses_and_correct(logits: np.ndarray, y: np.ndarray, loss: str) -> tuple[np.ndarray, int]:

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .options import RunOptions
 from .scoring import EngineRun, TraceSums, traces_over
 from .data import Dataset, Preprocessing, batches, check_finite, check_labels, open_dataset
 from .errors import MinsharpError
@@ -48,12 +49,12 @@ def shard_ranges(samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + shard_size, samples)) for a in range(0, samples, shard_size)]
 
 
-def score_shard(model: ImportedModel, spec: DataSpec, start: int, stop: int, options: dict,
-                rows: Optional[Dataset] = None,
+def score_shard(model: ImportedModel, spec: DataSpec, start: int, stop: int,
+                options: RunOptions, rows: Optional[Dataset] = None,
                 progress: Optional[Callable[[int], None]] = None) -> EngineRun:
     """Score samples ``start`` .. ``stop`` of the data set: check them (NaN/Inf, label
     range), run the engine over them in batches of ``spec.batch_size`` (``traces_over``
-    with ``options`` passed through as keywords) and return their float64 sums. The
+    with ``options``, unchanged) and return their float64 sums. The
     samples come from ``rows`` when given (read and shipped by a Dask client), else from
     the file. The fidelity check runs on the first batch of the data set (shard 0)."""
     dataset = spec.open() if rows is None else rows
@@ -63,8 +64,8 @@ def score_shard(model: ImportedModel, spec: DataSpec, start: int, stop: int, opt
         check_labels(dataset, model.network.num_classes, model.network.loss, labels, start)
         xs = batches(dataset, model.network.input_shape, spec.preprocessing, spec.batch_size,
                      start, stop)
-        return traces_over(model, xs, labels, progress=progress, check=start == 0,
-                           first_sample=start, **options)
+        return traces_over(model, xs, labels, options, progress, check=start == 0,
+                           first_sample=start)
     finally:
         dataset.close()
 
@@ -94,4 +95,5 @@ def merge(runs: list[EngineRun]) -> EngineRun:
         warnings.append(f"the shards ran on different forwards: {counts}")
     first = runs[0]
     return EngineRun(sums, first.provider, first.fidelity, timings, diagonal, per_sample, warnings,
-                     first.engine, first.precision, first.engine_check)
+                     first.engine, first.precision, first.engine_check, first.forward,
+                     max(r.workers for r in runs))

@@ -119,13 +119,16 @@ def test_no_traceback_from_the_real_console_script(tmp_path):
 
 
 def test_cuda_provider_is_probed_quietly(capfd):
-    """auto falls back to the CPU without native error spam; an explicit --provider cuda on a
+    """auto falls back to the CPU without native error spam (the onnxruntime engine probes
+    CUDA; the NumPy engine's auto runs the IR in float64); an explicit --provider cuda on a
     machine where CUDA does not load is a clean error."""
     from minsharp_ref.runtime import cuda_usable
 
     r = invoke("score", MLP, "--data", MNIST, *NORM, "--limit", 20)
+    assert r.exit_code == 0 and "forward: numpy-float64, signals float64;" in r.stdout
+    r = invoke("score", MLP, "--data", MNIST, *NORM, "--limit", 20, "--engine", "onnxruntime")
     assert r.exit_code == 0
-    expected = "forward: cuda" if cuda_usable() else "forward: cpu"
+    expected = "forward: trace-graph-cuda" if cuda_usable() else "forward: trace-graph-cpu"
     assert expected in r.stdout
     assert "CUDA" not in capfd.readouterr().err  # nothing from the native libraries
     if not cuda_usable():

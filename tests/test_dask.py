@@ -221,3 +221,23 @@ def test_without_dask_the_option_says_what_to_install(monkeypatch):
     r = invoke("score", MLP, "--data", MNIST, "--limit", 10, "--dask", "local:2")
     assert r.exit_code == 2
     assert r.stderr == "error: --dask needs Dask's distributed scheduler: pip install 'minsharp-ref[dask]'\n"
+
+
+@needs_dask
+def test_run_options_reach_a_worker_unchanged(client):
+    """The RunOptions value travels to a worker process by pickle and comes back equal (a
+    worker's copy and its repr, computed there); a run sends it with workers=1 (one batch
+    per Dask thread), every other field as given."""
+    import copy
+
+    from minsharp_ref.distributed import THREADS_PER_TASK
+    from minsharp_ref.options import RunOptions
+
+    options = RunOptions(engine="onnxruntime", precision="float64", provider="cpu", workers=5,
+                         batch_size=33, memory_budget=123456789, diagonal=True,
+                         per_sample=True, loss="mse")
+    assert client.submit(copy.copy, options, pure=False).result() == options
+    assert client.submit(repr, options, pure=False).result() == repr(options)
+    sent = options.but(workers=THREADS_PER_TASK)
+    assert client.submit(copy.copy, sent, pure=False).result() == sent
+    assert [f for f in vars(sent) if getattr(sent, f) != getattr(options, f)] == ["workers"]

@@ -75,7 +75,7 @@ def test_rescale_refuses_bad_alpha(tmp_path):
     for args, text in [(["--alpha", "2,3,4"], "the product of --alpha is 24"),
                        (["--alpha", "1,1"], "needs 3 values"),
                        (["--alpha", "-1,-1,1"], "positive and finite"),
-                       ([], "exactly one of --alpha, --random or --neurons")]:
+                       ([], "exactly one of --alpha, --random, --neurons or --to-neuron-minimum")]:
         r = runner.invoke(app, ["rescale", str(FIXTURES / "mlp_torchscript.onnx"), "-o", str(out), *args])
         assert r.exit_code == 2 and text in r.stderr, (args, r.output)
     assert not out.exists()

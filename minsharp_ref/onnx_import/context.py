@@ -61,6 +61,9 @@ class Context:
     consumers: dict[str, list] = field(default_factory=dict)
     #: nodes already converted together with an earlier one (e.g. ReduceSum's Div)
     fused: set[int] = field(default_factory=set)
+    #: SplitToSequence output → (its data input, axis, (start, stop) of each part): read by
+    #: SequenceAt, each part a slice (the dynamo exporter writes ``torch.chunk`` so)
+    sequences: dict[str, tuple] = field(default_factory=dict)
 
     def canonical(self, name: str) -> str:
         while name in self.alias:

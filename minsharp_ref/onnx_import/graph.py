@@ -11,8 +11,8 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..errors import MinsharpError, first_line
-from .context import (CONVERTERS, FLOAT_TYPES, MAX_PARAMETERS, MIN_OPSET, NORMALISATION,
-                      NOT_HOMOGENEOUS, Context, attrs, data_input, fail)
+from .context import (BATCH, CONVERTERS, FLOAT_TYPES, MAX_PARAMETERS, MIN_OPSET,
+                      NORMALISATION, NOT_HOMOGENEOUS, Context, attrs, data_input, fail)
 from .head import find_head
 
 
@@ -44,6 +44,11 @@ def _fold(node: onnx.NodeProto, ctx: Context, opsets) -> None:
             ctx.param_source[node.output[0]] = ctx.param_source[node.input[0]]
             ctx.copies.add(node.output[0])
         return
+    if node.op_type in ("Expand", "ConstantOfShape", "Tile") and any(
+            v is not None and v.dtype.kind == "i" and np.any(v == BATCH) for v in inputs):
+        raise fail(node, "builds a constant with one copy per sample (e.g. ViT's class token "
+                          "expanded to the batch), which can only join the data as a "
+                          "non-homogeneous offset")
     names = [f"in{i}" if n else "" for i, n in enumerate(node.input)]
     outs = [f"out{i}" if n else "" for i, n in enumerate(node.output)]
     folded = onnx.NodeProto()
@@ -169,14 +174,15 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
         fn = CONVERTERS.get(node.op_type)
         if fn is None:
             if node.op_type in NOT_HOMOGENEOUS:
+                why = _why_not_homogeneous(node, ctx)
                 raise fail(node, "not positively homogeneous, minimum sharpness is not defined "
-                                  "for this network")
+                                  "for this network" + (f" ({why})" if why else ""))
             if node.op_type in NORMALISATION:
                 raise fail(node, "normalises with the sample's own statistics: not positively "
                                   "homogeneous (only inference-mode BatchNormalization is supported)")
-            if node.op_type in ("Max", "Min", "Mean", "Where", "Split"):
-                raise fail(node, "combines or splits computed tensors; only Add, Sum and Concat "
-                                  "may join branches")
+            if node.op_type in ("Max", "Min", "Mean", "Where"):
+                raise fail(node, "combines computed tensors; only Add, Sum and Concat may join "
+                                  "branches")
             raise fail(node, "op type not supported between parameterised layers")
         fn(node, ctx)
     logits = ctx.canonical(head.logits)
@@ -195,6 +201,33 @@ def convert(model: onnx.ModelProto, input_shape: Optional[tuple[int, ...]] = Non
     elem = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     return ir.Network(tuple(ctx.layers), inp.name, tuple(per_sample), np.dtype(elem), logits,
                       graph.output[0].name, opset, head.describe(), loss)
+
+
+#: What the common non-homogeneous activations are, for the refusal (docs/exporting.md).
+WHY_NOT_HOMOGENEOUS = {
+    "Clip": "a clipped ReLU such as ReLU6 saturates: f(c·u) ≠ c·f(u) once c·u passes the clip",
+    "HardSwish": "hardswish u·ReLU6(u + 3)/6",
+    "HardSigmoid": "hard sigmoid, as in hardswish and MobileNetV3's gates",
+    "Erf": "the error function, as in the exact GELU",
+    "Gelu": "GELU",
+    "Mish": "mish u·tanh(softplus(u))",
+}
+
+
+def _why_not_homogeneous(node: onnx.NodeProto, ctx: Context) -> str:
+    """What the refused activation is part of: a Sigmoid whose output multiplies its own
+    input is SiLU / swish, one that multiplies another computed tensor is a gate
+    (squeeze-and-excitation); other ops from ``WHY_NOT_HOMOGENEOUS``."""
+    if node.op_type == "Sigmoid":
+        for reader in ctx.consumers.get(node.output[0], []):
+            if reader.op_type == "Mul":
+                other = [n for n in reader.input if n != node.output[0]]
+                if other and other[0] == node.input[0]:
+                    return "SiLU / swish u·σ(u)"
+                if other and ctx.is_data(other[0]):
+                    return "a gate σ(·) multiplying another computed tensor, as in " \
+                           "squeeze-and-excitation"
+    return WHY_NOT_HOMOGENEOUS.get(node.op_type, "")
 
 
 def _check_reaches_logits(ctx: Context, logits: str) -> None:

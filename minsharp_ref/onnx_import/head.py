@@ -7,8 +7,9 @@ Found from the graph's structure, not from op names, before any node is converte
   layers* are the data nodes of type Gemm, MatMul or Conv;
 * the *last layer* is the one parameterised layer no other parameterised layer depends on;
 * the *logits* are its output, followed along a single path through bias Adds and
-  positively homogeneous shape-only or piecewise-linear ops (``CONTINUATION``) as long as
-  each tensor on the path has exactly one reader;
+  positively homogeneous shape-only, piecewise-linear or pooling ops (``CONTINUATION``:
+  SqueezeNet's classifier ends Conv → ReLU → GlobalAveragePool → Flatten) as long as each
+  tensor on the path has exactly one reader;
 * the *head* is every data node that depends on the logits: it feeds no parameterised
   layer (the last layer is last), is not run and is reported as stripped.
 
@@ -30,10 +31,13 @@ import onnx
 from ..errors import MinsharpError
 
 PARAMETERISED = {"Gemm", "MatMul", "Conv"}
-#: Ops that may continue the logits after the last layer (a bias Add, shape-only or
-#: piecewise-linear ops); the driver still checks each of them (e.g. that an Add is a bias).
+#: Ops that may continue the logits after the last layer (a bias Add, shape-only,
+#: piecewise-linear or pooling ops: positively homogeneous, so part of the network, e.g.
+#: SqueezeNet's classifier Conv → ReLU → GlobalAveragePool → Flatten); the driver still
+#: checks each of them (e.g. that an Add is a bias, that a reduction is spatial).
 CONTINUATION = {"Add", "Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-                "Relu", "LeakyRelu", "PRelu"}
+                "Relu", "LeakyRelu", "PRelu", "GlobalAveragePool", "GlobalMaxPool",
+                "AveragePool", "MaxPool", "ReduceMean", "ReduceMax", "Pad"}
 #: Ops through which the head reads the logits unchanged, when looking for its activation.
 TRANSPARENT = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
 ACTIVATIONS = {"Softmax": "softmax", "LogSoftmax": "softmax", "Sigmoid": "sigmoid"}

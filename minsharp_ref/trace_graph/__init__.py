@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..engine import signal_tensors, tensor_columns
 from ..errors import MinsharpError
 from ..group import folded_view
 from ..ir import LeakyRelu, MaxPool2d, Network, Relu, is_parameterised
@@ -25,6 +24,7 @@ from .context import Context
 from .forward import forward
 from .loss import LOSS_HEADS
 from .measure import measure
+from ..plan import traversal_plan
 
 #: names of the graph's inputs and outputs (docs/trace-graph.md)
 INPUT, TRACES, LOGITS, DIAGONAL_PREFIX = "input", "traces", "logits", "diagonal:"
@@ -32,7 +32,7 @@ INPUT, TRACES, LOGITS, DIAGONAL_PREFIX = "input", "traces", "logits", "diagonal:
 
 def check_supported(network: Network) -> None:
     """Refuse, in one line, networks with a layer type or loss without a rule here."""
-    needs = signal_tensors(network)
+    needs = traversal_plan(network).carriers
     for layer in network.layers:
         kind = type(layer)
         missing = kind not in forward.registry or (
@@ -81,7 +81,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     trace contributions in ``engine.tensor_columns`` order (for a network with BatchNorm,
     followed by those of its folded view's tensors), and ``logits`` (N, K); with
     ``diagonal`` also ``diagonal:<initializer>``, the batch sums of the exact Hessian
-    diagonal of each parameter tensor of the network, float64, shaped like the initializer.
+    diagonal of each parameter tensor of the network and of its folded view's own tensors
+    (``<weight> (folded)``), float64, shaped like the initializer.
 
     The signals go back through the DAG in reverse topological order, held per tensor name;
     a tensor read by several layers receives the sum of their signals, complete before its
@@ -92,7 +93,8 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     check_supported(network)
     b = GraphBuilder(dtype)
     ctx = Context(b)
-    b.reserve([INPUT, TRACES, LOGITS] + [DIAGONAL_PREFIX + name for _, _, name in tensor_columns(network)])
+    layers = traced_layers(network)
+    b.reserve([INPUT, TRACES, LOGITS] + [DIAGONAL_PREFIX + name for _, _, name in columns_of(layers)])
     b.fresh(INPUT, exact=True)
     ctx.values[network.input_name] = INPUT
     ctx.shapes.update(network.tensor_shapes())
@@ -102,39 +104,37 @@ def build_trace_graph(network: Network, dtype=np.float32, diagonal: bool = False
     k = network.num_classes
     signals, ctx.signals = LOSS_HEADS[network.loss](ctx, logits, k)
 
-    layers = traced_layers(network)
     keep = {layer.output_name for layer in layers[len(network.param_layers):]}  # folded view's
     at: dict[str, str] = {network.logits_name: signals}  # tensor name → pending signals
     kept: dict[str, str] = {}
-    needs = signal_tensors(network)
     measured = {}
     ctx.fused_activations.update(foldable_activations(network))
-    for layer in reversed(network.layers):
-        g = at.pop(layer.output_name, None)
-        if g is None:
-            continue
+    for step in traversal_plan(network).backward_steps:
+        layer = step.layer
+        g = at.pop(step.output)
         if layer.output_name in keep:
             kept[layer.output_name] = g
-        if is_parameterised(layer):
+        if step.param_index is not None:
             measured[id(layer)] = measure(layer, ctx, g, diagonal)
-        if not any(name in needs for name in layer.inputs):
+        if not step.passes_back:
             continue
         out = backward(layer, ctx, g)
-        for name, part in zip(layer.inputs, out if isinstance(out, tuple) else (out,)):
-            if name in needs:  # fan-out: the sum over the tensor's readers
-                at[name] = b.node("Add", [at[name], part], "signal") if name in at else part
+        for name, part, sends, first in zip(layer.inputs, out if isinstance(out, tuple) else (out,),
+                                            step.sends, step.first_send):
+            if sends:  # fan-out: the sum over the tensor's readers
+                at[name] = part if first else b.node("Add", [at[name], part], "signal")
     for layer in layers:  # the folded view's own layers (the others are measured above)
         if id(layer) not in measured:
-            measured[id(layer)] = measure(layer, ctx, kept[layer.output_name], False)
+            measured[id(layer)] = measure(layer, ctx, kept[layer.output_name], diagonal)
 
-    columns, diagonals = [], []
-    originals = len(tensor_columns(network))
+    columns, diagonals, emitted = [], [], set()
     names = columns_of(layers)
-    for c, (layer, which, name) in enumerate(names):
+    for layer, which, name in names:
         m = measured[id(layer)]
         value, diag = (m.weight, m.weight_diagonal) if which == "weight" else (m.bias, m.bias_diagonal)
         columns.append(b.node("Unsqueeze", [value, b.ints([1])]))
-        if diagonal and c < originals:
+        if diagonal and name not in emitted:  # the folded view's own tensors too
+            emitted.add(name)
             shape = list(np.shape(getattr(layer, which)))
             diagonals.append((b.node("Identity", [diag], DIAGONAL_PREFIX + name, exact=True), shape))
     traces = b.node("Concat", columns, TRACES, exact=True, axis=1)

@@ -14,7 +14,7 @@ from functools import singledispatch
 import numpy as np
 
 from ..ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, LayerBase, LeakyRelu,
-                  MaxPool2d, Pad2d, Relu, Reshape, Transpose)
+                  MaxPool2d, Pad2d, Relu, Reshape, Slice, Transpose)
 from ..windows import Geometry
 from .context import Context
 
@@ -74,6 +74,16 @@ def _crop(ctx: Context, g: str, top: int, left: int, h: int, w: int) -> str:
     b = ctx.b
     return b.node("Slice", [g, b.ints([top, left]), b.ints([top + h, left + w]), b.ints([-2, -1])],
                   "signal")
+
+
+@backward.register
+def _(layer: Slice, ctx, g):
+    """Zero padding of the sliced axis (axis + 2 of (N, R, *shape)) back to its size."""
+    rank = len(ctx.in_shape(layer)) + 2
+    pads = [0] * (2 * rank)
+    pads[layer.axis + 2] = layer.start
+    pads[rank + layer.axis + 2] = ctx.in_shape(layer)[layer.axis] - layer.stop
+    return ctx.b.node("Pad", [g, ctx.b.ints(pads)], "signal")
 
 
 @backward.register

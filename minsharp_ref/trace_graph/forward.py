@@ -13,7 +13,7 @@ from functools import singledispatch
 import numpy as np
 
 from ..ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, InputAffine, LayerBase,
-                  LeakyRelu, MaxPool2d, Pad2d, Relu, Reshape, Transpose)
+                  LeakyRelu, MaxPool2d, Pad2d, Relu, Reshape, Slice, Transpose)
 from ..windows import Geometry
 from .context import Context
 
@@ -53,6 +53,14 @@ def _(layer: Reshape, ctx):
 def _(layer: Transpose, ctx):
     return ctx.b.node("Transpose", [ctx.input_of(layer)], layer.output_name,
                       perm=[0] + [p + 1 for p in layer.perm])
+
+
+@forward.register
+def _(layer: Slice, ctx):
+    """x[start:stop] along the layer's per-sample axis."""
+    b = ctx.b
+    return b.node("Slice", [ctx.input_of(layer), b.ints([layer.start]), b.ints([layer.stop]),
+                            b.ints([layer.axis + 1])], layer.output_name)
 
 
 @forward.register

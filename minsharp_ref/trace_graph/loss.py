@@ -16,7 +16,7 @@ from .context import Context
 
 def cross_entropy(ctx: Context, logits: str, k: int) -> tuple[str, int]:
     """Softmax cross-entropy: A = diag(p) − ppᵀ and the exact K − 1-row factor of
-    ``engine.loss_hessian_sqrt`` (docs/method.md, "One signal fewer"): with m the arg-max of
+    ``engine.loss_hessian_sqrt`` (docs/method.md, "The S factorisation"): with m the arg-max of
     p (first on ties), R the rows √p_k (e_k − p) for k ≠ m, v_k = √(p_k/p_m) and
     c = 1/(1 + √(1 + ‖v‖²)), the signals are (I + c vvᵀ) R. Softmax is onnxruntime's
     (max-subtracted, stable); nothing is divided by a small number (v_k ≤ 1)."""

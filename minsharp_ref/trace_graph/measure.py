@@ -2,7 +2,7 @@
 its input give the per-sample traces of its weight and bias (float64 (N,) values), and
 with ``diagonal`` the batch sums of the exact Hessian diagonal, shaped like the stored
 initializers. The same formulas as ``engine.measure`` / ``engine.measure_diagonal``
-(docs/method.md, "Dense layers", "Convolutions", "Diagonal entries").
+(docs/method.md section 3, "Dense layers" and "Convolutions"; the diagonal: section 12).
 
 Precision: products are formed in the graph's dtype; in a float32 graph the innermost sum
 (over one row of a product, or over the positions of one signal map) is float32 and every
