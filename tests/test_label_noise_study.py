@@ -64,6 +64,7 @@ def test_spectrum_fields_read_lambda_max_as_given_and_at_alpha_star():
         "lambda_max": 4.0, "lambda_max_stderr": None}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not study_measures.spectrum_available(),
                     reason="this minsharp-ref has no spectrum (λ_max) yet")
 def test_lambda_max_moves_under_rescaling_and_at_alpha_star_does_not(tmp_path):
