@@ -27,10 +27,10 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import backprop, first_param_index, loss_hessian_factor, signal_tensors
+from .engine import backprop, first_param_index, loss_hessian_factor
 from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, InputAffine, LayerBase,
-                 LeakyRelu, MaxPool2d, Network, Pad2d, Relu, Reshape, Slice, Transpose,
-                 is_parameterised)
+                 LeakyRelu, MaxPool2d, Network, Pad2d, Relu, Reshape, Slice, Transpose)
+from .plan import Plan, Step
 from .windows import pad_input, windows
 
 MATRICES = ("hessian", "ggn")
@@ -230,31 +230,6 @@ def tangent_weight_gradient(layer, delta: np.ndarray, t: np.ndarray) -> np.ndarr
 # ------------------------------------------------------------------------ the traversal
 
 
-@dataclass(frozen=True)
-class Wiring:
-    """Keys of every layer's inputs and output: tensor names for a DAG, positions for a
-    chain (whose layers read the previous layer's output), so one traversal serves both."""
-
-    inputs: tuple[tuple[str, ...], ...]
-    outputs: tuple[str, ...]
-    logits: str
-    shapes: dict
-    #: keys of the tensors that depend on a parameter (where backward signals go)
-    signal_keys: frozenset
-
-    @staticmethod
-    def of(network: Network) -> "Wiring":
-        if network.is_chain:
-            n = len(network.layers)
-            shapes = {str(i): s for i, s in enumerate(network.layer_shapes())}
-            start = first_param_index(network)
-            return Wiring(tuple((str(i),) for i in range(n)), tuple(str(i + 1) for i in range(n)),
-                          str(n), shapes, frozenset(str(i + 1) for i in range(start, n)))
-        return Wiring(tuple(l.inputs for l in network.layers),
-                      tuple(l.output_name for l in network.layers), network.logits_name,
-                      network.tensor_shapes(), frozenset(signal_tensors(network)))
-
-
 @dataclass
 class BatchState:
     """What one batch's products share, for parameters θ (not for v): the first input of
@@ -273,102 +248,94 @@ class BatchState:
         return sum(a.nbytes for a in arrays)
 
 
-def prepare(network: Network, wiring: Wiring, x: np.ndarray, y: Optional[np.ndarray],
+def prepare(network: Network, plan: Plan, x: np.ndarray, y: Optional[np.ndarray],
             with_deltas: bool) -> BatchState:
-    """Forward one batch in float64 and, with ``with_deltas``, back-propagate δ = ∂L/∂z."""
+    """Forward one batch in float64 and, with ``with_deltas``, back-propagate δ = ∂L/∂z
+    over the traversal ``plan`` (``plan.traversal_plan``)."""
     logits, inputs = network.forward(x, keep_inputs=True)
     start = first_param_index(network)
     inputs = [a if i >= start else None for i, a in enumerate(inputs)]
     deltas = None
     if with_deltas:
         deltas = {}
-        grad = loss_gradient(logits, y, network.loss)
-        pending = {wiring.logits: grad}
-        d = len(network.param_layers)
-        for i in range(len(network.layers) - 1, start - 1, -1):
-            layer = network.layers[i]
-            d -= is_parameterised(layer)
-            g = pending.pop(wiring.outputs[i], None)
-            if g is None:
-                continue
-            if is_parameterised(layer):
-                deltas[d] = g
-            if i == start:
-                break
-            out = backprop(layer, g[:, None].copy(), inputs[i])
-            _distribute(pending, wiring, i, out)
+        pending = {network.logits_name: loss_gradient(logits, y, network.loss)}
+        for step in plan.backward_steps:
+            g = pending.pop(step.output)
+            if step.param_index is not None:
+                deltas[step.param_index] = g
+            if step.passes_back:
+                _send(pending, step, backprop(step.layer, g[:, None].copy(), inputs[step.index]))
     return BatchState(len(x), inputs, loss_hessian_factor(logits, network.loss), deltas)
 
 
-def _distribute(pending: dict, wiring: Wiring, i: int, out) -> None:
-    """Add a layer's backward signals (N, 1, ...) to its inputs' pending sums."""
-    for key, part in zip(wiring.inputs[i], out if isinstance(out, tuple) else (out,)):
-        if key in wiring.signal_keys:
-            part = part[:, 0]
-            pending[key] = pending[key] + part if key in pending else part
+def _send(pending: dict, step: Step, out) -> None:
+    """A layer's backward signals (N, 1, ...) to the inputs it sends to: the first sender
+    stores, later ones add (a fan-out's sum, in the plan's order)."""
+    for name, part, sends, first in zip(step.layer.inputs, out if isinstance(out, tuple) else (out,),
+                                        step.sends, step.first_send):
+        if sends:
+            pending[name] = part[:, 0] if first or name not in pending else pending[name] + part[:, 0]
 
 
-def _forward_tangents(network: Network, wiring: Wiring, state: BatchState,
+def _forward_tangents(network: Network, plan: Plan, state: BatchState,
                       directions: list) -> dict:
-    """R{·} of every tensor downstream of a non-zero direction (others are absent: zero)."""
+    """R{·} of every signal-carrying tensor downstream of a non-zero direction, over the
+    plan's forward steps (others are absent: zero)."""
+    shapes = network.tensor_shapes()
     tangents: dict = {}
-    d = -1
-    for i, layer in enumerate(network.layers):
-        if is_parameterised(layer):
-            d += 1
-        keys, a = wiring.inputs[i], state.inputs[i]
-        ts = [tangents.get(k) for k in keys]
-        if is_parameterised(layer):
-            out = param_tangent(layer, ts[0], a, directions[d])
+    for step in plan.forward_steps:
+        layer, a = step.layer, state.inputs[step.index]
+        ts = [tangents.get(k) if sends else None for k, sends in zip(layer.inputs, step.sends)]
+        if step.param_index is not None:
+            out = param_tangent(layer, ts[0], a, directions[step.param_index])
         elif all(t is None for t in ts):
             continue
         elif isinstance(layer, Add):
             out = sum(t for t in ts if t is not None)
         elif isinstance(layer, Concat):
-            out = np.concatenate([np.zeros((state.n,) + wiring.shapes[k]) if t is None else t
-                                  for k, t in zip(keys, ts)], axis=1)
+            out = np.concatenate([np.zeros((state.n,) + shapes[k]) if t is None else t
+                                  for k, t in zip(layer.inputs, ts)], axis=1)
         else:
             out = tangent(layer, ts[0], a)
         if out is not None:
-            tangents[wiring.outputs[i]] = out
+            tangents[step.output] = out
     return tangents
 
 
-def batch_product(network: Network, wiring: Wiring, state: BatchState, directions: list,
+def batch_product(network: Network, plan: Plan, state: BatchState, directions: list,
                   wanted: set, ggn: bool) -> dict:
     """Σ over the batch's samples of (Hv) (or (Gv) with ``ggn``) for the parameterised
     layers in ``wanted``: {d: (weight part, bias part or None)} in the stored layouts
-    (docs/method.md section 14)."""
-    tangents = _forward_tangents(network, wiring, state, directions)
-    rz = tangents.get(wiring.logits)
+    (docs/method.md section 14). The tangent pass runs over the plan's forward steps, the
+    reverse pass over its backward steps (until the lowest wanted layer)."""
+    tangents = _forward_tangents(network, plan, state, directions)
+    rz = tangents.get(network.logits_name)
     pending = {}
     if rz is not None:
         s = state.factor
-        pending[wiring.logits] = np.einsum("nrk,nr->nk", s, np.einsum("nrk,nk->nr", s, rz))
-    start, lowest = first_param_index(network), min(wanted)
-    d = len(network.param_layers)
+        pending[network.logits_name] = np.einsum("nrk,nr->nk", s, np.einsum("nrk,nk->nr", s, rz))
+    lowest = min(wanted)
+    shapes = network.tensor_shapes()
     out: dict = {}
-    for i in range(len(network.layers) - 1, start - 1, -1):
-        layer, a = network.layers[i], state.inputs[i]
-        param = is_parameterised(layer)
-        d -= param
-        g = pending.pop(wiring.outputs[i], None)
-        t_in = tangents.get(wiring.inputs[i][0])
-        if param and d in wanted:
+    for step in plan.backward_steps:
+        layer, a, d = step.layer, state.inputs[step.index], step.param_index
+        g = pending.pop(step.output, None)
+        if d is not None and d in wanted:
+            t_in = tangents.get(layer.input_name) if step.sends[0] else None
             out[d] = _layer_product(layer, g, a, t_in, None if ggn else state.deltas[d], state.n)
-        if param and d == lowest:
+        if d == lowest:
             break
-        cross = param and not ggn and directions[d] is not None
-        if g is None and not cross:
+        cross = d is not None and not ggn and directions[d] is not None
+        if not step.passes_back or (g is None and not cross):
             continue
         if a is None:  # shape-only layers: a stand-in with the right shape and no data
-            a = np.broadcast_to(np.zeros(()), (state.n,) + wiring.shapes[wiring.inputs[i][0]])
+            a = np.broadcast_to(np.zeros(()), (state.n,) + shapes[layer.input_name])
         if g is None:
-            g = np.zeros((state.n,) + wiring.shapes[wiring.outputs[i]])
+            g = np.zeros((state.n,) + shapes[step.output])
         back = backprop(layer, g[:, None].copy(), a)
         if cross:
             back = back + cross_term(layer, state.deltas[d], a, directions[d])[:, None]
-        _distribute(pending, wiring, i, back)
+        _send(pending, step, back)
     return out
 
 

@@ -21,7 +21,8 @@ from scipy.sparse.linalg import LinearOperator
 
 from .engine import tensor_columns
 from .errors import MinsharpError
-from .hvp import MATRICES, BatchState, Wiring, batch_product, prepare
+from .hvp import MATRICES, BatchState, batch_product, prepare
+from .plan import traversal_plan
 from .ir import Network
 
 DEFAULT_CACHE_BYTES = 1024 ** 3
@@ -150,7 +151,7 @@ class _Shared:
 
     def __init__(self, network: Network, source: BatchSource, with_deltas: bool, cache_bytes: int):
         self.network, self.source = network, source
-        self.wiring = Wiring.of(network)
+        self.plan = traversal_plan(network)
         self.with_deltas = with_deltas
         self.cache_bytes = cache_bytes
         self.cache: Optional[list[BatchState]] = None
@@ -168,7 +169,7 @@ class _Shared:
             if self.with_deltas and y is None:
                 raise MinsharpError("the Hessian needs labels (the data has none); the "
                                     "Gauss-Newton matrix (matrix='ggn') does not")
-            state = prepare(self.network, self.wiring, x, y, self.with_deltas)
+            state = prepare(self.network, self.plan, x, y, self.with_deltas)
             n += state.n
             if kept is not None:
                 held += state.nbytes
@@ -194,7 +195,7 @@ class _Shared:
         n = 0
         for state in self.states():
             n += state.n
-            part = batch_product(self.network, self.wiring, state, directions, wanted, ggn)
+            part = batch_product(self.network, self.plan, state, directions, wanted, ggn)
             for d, (gw, gb) in part.items():
                 if d in total:
                     tw, tb = total[d]

@@ -31,8 +31,9 @@ from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
 from .engine import tensor_columns
-from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, MaxPool2d, Network, Pad2d,
-                 Reshape, Slice, Transpose, is_parameterised)
+from .errors import MinsharpError
+from .ir import (Add, AvgPool2d, BatchNorm, Concat, Conv2d, Dense, InputAffine, LeakyRelu,
+                 MaxPool2d, Network, Pad2d, Relu, Reshape, Slice, Transpose, is_parameterised)
 from .sharpness import minimise_exponential_sum
 from .windows import pad_input, windows
 
@@ -156,8 +157,11 @@ def unit_map(network: Network) -> Units:
             y = x.transpose(layer.perm)
         elif isinstance(layer, Slice):  # a selection of channels keeps their units
             y = x[layer.index(lead=0)]
-        else:  # InputAffine, ReLU, LeakyReLU: element-wise
+        elif isinstance(layer, (InputAffine, Relu, LeakyRelu)):  # element-wise
             y = x
+        else:
+            raise MinsharpError(f"neuron-wise units: no rule for {type(layer).__name__} "
+                                f"(node {layer.nodes[0] if layer.nodes else '?'})")
         ids[layer.output_name] = y
     logits = ids[network.logits_name]
     uf.tie(np.zeros_like(logits), logits)

@@ -276,12 +276,14 @@ def test_every_method_section_a_docstring_cites_exists():
 
 def test_every_layer_type_has_a_rule_in_every_dispatch_table():
     """Each IR layer class has its forward, its back-propagation rule in both engines (or
-    is refused by name: ``plan.NO_BACKWARD_RULE``), the trace graph's forward, and, when
-    parameterised, the measure rules of both engines (traces and diagonal)."""
+    is refused by name: ``plan.NO_BACKWARD_RULE``), the trace graph's forward, the
+    Hessian-vector product's tangent rule (Add and Concat are summed and joined in its
+    pass), and, when parameterised, the measure rules of both engines (traces and
+    diagonal) and the product's weight gradient."""
     import importlib
     import typing
 
-    from minsharp_ref import engine, ir
+    from minsharp_ref import engine, hvp, ir
     from minsharp_ref.plan import NO_BACKWARD_RULE
 
     tg = {name: getattr(importlib.import_module(f"minsharp_ref.trace_graph.{name}"), name)
@@ -299,7 +301,10 @@ def test_every_layer_type_has_a_rule_in_every_dispatch_table():
         if not issubclass(cls, NO_BACKWARD_RULE):
             tables["engine backprop"] = cls in engine.backprop.registry
             tables["trace_graph backward"] = cls in tg["backward"].registry
+        if cls not in params and cls not in (ir.Add, ir.Concat):
+            tables["hvp tangent"] = cls in hvp.tangent.registry
         if cls in params:
+            tables["hvp weight_gradient"] = cls in hvp.weight_gradient.registry
             tables["engine measure"] = cls in engine.measure.registry
             tables["engine measure_diagonal"] = cls in engine.measure_diagonal.registry
             tables["trace_graph measure"] = cls in tg["measure"].registry

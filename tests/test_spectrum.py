@@ -288,3 +288,31 @@ def test_lambda_max_at_alpha_star_is_alpha_invariant(tmp_path):
     star_a, star_b = a["lambda_max_at_alpha_star"]["value"], b["lambda_max_at_alpha_star"]["value"]
     assert abs(star_a - star_b) <= 1e-8 * star_a
     assert abs(a["minimum_sharpness"] - b["minimum_sharpness"]) <= 1e-9 * a["minimum_sharpness"]
+
+
+@pytest.mark.parametrize("name", ["tv_shufflenet_v2.onnx", "tv_squeezenet1_1.onnx"])
+def test_products_through_torchvision_slices_and_heads(name):
+    """torch.onnx's ShuffleNetV2 (channel split, shuffle) and SqueezeNet (Conv-ReLU-GAP head):
+    the product's diagonal e_iᵀ H e_i and e_iᵀ G e_i equal the trace engine's exact diagonal
+    (another algorithm: engine.measure_diagonal) to 1e-9, and H is symmetric."""
+    from minsharp_ref.api import traces_over
+    from minsharp_ref.onnx_import import import_model
+
+    imported = import_model(FIXTURES / name)
+    net = imported.network
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3,) + net.input_shape)
+    y = rng.integers(0, net.num_classes, 3)
+    run = traces_over(imported, [x], None, "numpy", diagonal=True, check=False)
+    h, g = hessian_operator(net, (x, y)), hessian_operator(net, (x, y), matrix="ggn")
+    for tensor, s in list(h.slices.items())[::7]:
+        i = s.start + int(rng.integers(s.stop - s.start))
+        e = np.zeros(h.shape[0])
+        e[i] = 1.0
+        want = run.diagonal[tensor].reshape(-1)[i - s.start]
+        scale = abs(want) + 1e-12 * abs(run.sums.mean.sum())
+        assert abs(h.matvec(e)[i] - want) <= RTOL * scale, tensor
+        assert abs(g.matvec(e)[i] - want) <= RTOL * scale, tensor
+    u, v = rng.standard_normal((2, h.shape[0]))
+    hu, hv = h.matvec(u), h.matvec(v)
+    assert abs(u @ hv - v @ hu) <= RTOL * np.linalg.norm(u) * np.linalg.norm(hv)
