@@ -90,8 +90,12 @@ def test_traces_match_torch_func(stem):
 
 @pytest.mark.parametrize("stem", MODELS)
 def test_diagonals_match_torch_func(stem):
-    _, _, run, _, _, diag, graph = computed(stem)
-    assert set(run.diagonal) == set(diag)
+    """Every original tensor's diagonal (a BatchNorm network's run also holds the folded
+    view's, ``<name> (folded)``, for the neuron-wise measure)."""
+    _, _, run, columns, _, diag, graph = computed(stem)
+    assert {name for _, _, name in columns} == set(diag)
+    assert set(diag) <= set(run.diagonal)
+    assert all(k.endswith(" (folded)") for k in set(run.diagonal) - set(diag))
     for name, theirs in diag.items():
         ours = run.diagonal[name]
         assert ours.shape == theirs.shape == tuple(graph.params[name].shape), name
