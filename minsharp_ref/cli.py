@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Optional
 
 import typer
 
 from . import __version__
-from .errors import MinsharpError, first_line
+from .errors import MinsharpError
 from . import cli_options as O
 from .cli_options import parse_bytes  # noqa: F401 (public here before cli_options)
+from .cli_io import check_output_dir, npz_bytes, run_guarded, write_atomically  # noqa: F401
+from .cli_spectrum import spectrum
 from .progress import Phases
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -32,56 +32,6 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
 
 def _ints(text: Optional[str], option: str) -> Optional[list[int]]:
     return O.numbers(text, option, int)
-
-
-def check_output_dir(path: Path) -> Path:
-    """The directory an output file goes to; refuse early when it does not exist."""
-    directory = Path(path).parent
-    if not directory.is_dir():
-        raise MinsharpError(f"{path}: directory {directory} does not exist")
-    if Path(path).is_dir():
-        raise MinsharpError(f"{path}: is a directory")
-    return directory
-
-
-def write_atomically(path: Path, data) -> None:
-    """Write text or bytes to a temporary file beside ``path`` and rename it over ``path``:
-    never a partial file."""
-    directory = check_output_dir(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def run_guarded(debug: bool, body: Callable[[], int]) -> None:
-    """Run a command body; turn errors into one line on stderr and exit code 2."""
-    import numpy as np
-
-    try:
-        with np.errstate(all="ignore"):  # overflow is reported as an error, not a warning
-            code = body()
-    except MinsharpError as exc:
-        if debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        raise typer.Exit(2)
-    except Exception as exc:  # a bug or an unforeseen input: still one line, no traceback
-        if debug:
-            raise
-        first = first_line(exc)
-        typer.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug "
-                   "for the traceback)", err=True)
-        raise typer.Exit(2)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -186,17 +136,6 @@ def score(
         return 1 if failed else 0
 
     run_guarded(debug, body)
-
-
-def npz_bytes(arrays: dict) -> bytes:
-    """An uncompressed .npz (no pickles) of float64 arrays, as bytes."""
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
-    return buf.getvalue()
 
 
 @app.command()
@@ -491,86 +430,7 @@ def export_trace_graph(
     run_guarded(debug, body)
 
 
-@app.command()
-def spectrum(
-    model: Path = typer.Argument(..., help="ONNX model file."),
-    data: Path = typer.Option(..., "--data", help=".npz data file (Keras mnist layout or x/y)."),
-    split: O.Split = "train",
-    x_key: O.XKey = None,
-    y_key: O.YKey = None,
-    mean: O.Mean = None,
-    std: O.Std = None,
-    limit: O.Limit = None,
-    input_shape: O.InputShape = None,
-    loss: O.Loss = None,
-    batch_size: O.BatchSize = None,
-    memory_budget: Annotated[str, typer.Option("--memory-budget", help="Memory for the forward activations kept between products, e.g. 512M, 2G; beyond it every product re-reads the data.")] = "1G",
-    top: int = typer.Option(1, "--top", help="Number of largest eigenvalues (Lanczos)."),
-    smallest: bool = typer.Option(False, "--smallest", help="Also the smallest (most negative) eigenvalue."),
-    per_tensor: bool = typer.Option(False, "--per-tensor", help="Top eigenvalue of each tensor's diagonal block."),
-    matrix: str = typer.Option("hessian", "--matrix", help="hessian | ggn (the Gauss-Newton matrix)."),
-    density: Optional[Path] = typer.Option(None, "--density", help="Plot the spectral density (stochastic Lanczos quadrature): FILE.png or FILE.svg (the plot extra)."),
-    eigenvectors: Optional[Path] = typer.Option(None, "--eigenvectors", help="Write the top eigenvectors (.npz keyed by initializer name, shape (top, *tensor shape))."),
-    tol: float = typer.Option(1e-8, "--tol", help="Lanczos relative tolerance."),
-    max_iter: Optional[int] = typer.Option(None, "--max-iter", help="Lanczos restarts at most (default: ARPACK's)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the start vector (and of --check's and --density's random vectors)."),
-    check: bool = typer.Option(False, "--check", help="Check the operator's diagonal and Hutchinson trace against score's exact ones."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report (minsharp-ref/spectrum/v1) here."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report: only errors."),
-):
-    """Exact Hessian spectrum of MODEL's mean loss on DATA: top eigenvalues, the smallest, per-tensor blocks, density."""
-
-    def body() -> int:
-        from .api import json_safe
-        from .plot import check_plot_path
-        from .report import Output
-        from .spectrum import density_plot_bytes
-        from .spectrum_run import DEFAULT_BATCH_SIZE as DEFAULT_SPECTRUM_BATCH
-        from .spectrum_run import DataOptions, SpectrumOptions, run_spectrum, spectrum_blocks
-
-        density_format = check_plot_path(density) if density is not None else None
-        for out in (json_path, eigenvectors, density):
-            if out is not None:
-                check_output_dir(out)
-        output = Output(quiet)
-        kw = O.data_options(split, x_key, y_key, mean, std, limit, input_shape)
-        if batch_size is not None and batch_size < 1:
-            raise MinsharpError(f"--batch-size must be at least 1, not {batch_size}")
-        d = DataOptions(str(data), split, x_key, y_key, kw["mean"], kw["std"], limit,
-                        batch_size or DEFAULT_SPECTRUM_BATCH, O.parse_bytes(memory_budget))
-        o = SpectrumOptions(top=top, smallest=smallest, per_tensor=per_tensor, matrix=matrix,
-                            tol=tol, max_iter=max_iter, seed=seed, density=density is not None,
-                            check=check)
-        with Phases(enabled=not quiet) as phases:
-            phases.start("import")
-            state = {"phase": None}
-
-            def progress(phase: str, count: int, estimate: int) -> None:
-                if phase != state["phase"]:
-                    state["phase"], state["base"] = phase, count - 1
-                    phases.start(phase, max(estimate - count + 1, 1), "products")
-                phases.advance(1)
-
-            run = run_spectrum(model, d, o, loss=loss, input_shape=kw["input_shape"],
-                               progress=progress)
-            phases.done()
-        doc = json_safe(run.doc)
-        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-        if eigenvectors is not None:
-            write_atomically(eigenvectors, npz_bytes(run.eigenvectors))
-        if density is not None:
-            write_atomically(density, density_plot_bytes(*run.density, density_format,
-                                                         f"{doc['matrix']} spectral density"))
-        if json_path is not None:
-            write_atomically(json_path, text)
-        output.report(spectrum_blocks(doc))
-        failed = [k for k, c in doc.get("check", {}).items() if not c["passed"]]
-        for k in failed:
-            output.failure(f"--check: the {k} check failed")
-        return 1 if failed else 0
-
-    run_guarded(debug, body)
+app.command()(spectrum)
 
 
 @app.command()
