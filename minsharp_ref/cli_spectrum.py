@@ -27,6 +27,7 @@ def spectrum(
     input_shape: O.InputShape = None,
     loss: O.Loss = None,
     batch_size: O.BatchSize = None,
+    workers: O.Workers = None,
     memory_budget: Annotated[str, typer.Option("--memory-budget", help="Memory for the forward activations kept between products, e.g. 512M, 2G; beyond it every product re-reads the data.")] = "1G",
     top: int = typer.Option(1, "--top", help="Number of largest eigenvalues (Lanczos)."),
     smallest: bool = typer.Option(False, "--smallest", help="Also the smallest (most negative) eigenvalue."),
@@ -61,7 +62,8 @@ def spectrum(
         if batch_size is not None and batch_size < 1:
             raise MinsharpError(f"--batch-size must be at least 1, not {batch_size}")
         d = DataOptions(str(data), split, x_key, y_key, kw["mean"], kw["std"], limit,
-                        batch_size or DEFAULT_SPECTRUM_BATCH, O.parse_bytes(memory_budget))
+                        batch_size or DEFAULT_SPECTRUM_BATCH, O.parse_bytes(memory_budget),
+                        O.run_options(workers=workers).workers)  # validated; default: the cores
         o = SpectrumOptions(top=top, smallest=smallest, per_tensor=per_tensor, matrix=matrix,
                             tol=tol, max_iter=max_iter, seed=seed, density=density is not None,
                             check=check)

@@ -22,8 +22,10 @@ from scipy.sparse.linalg import LinearOperator
 from .engine import tensor_columns
 from .errors import MinsharpError
 from .hvp import MATRICES, BatchState, batch_product, prepare
-from .plan import traversal_plan
 from .ir import Network
+from .options import available_cores
+from .plan import traversal_plan
+from .scoring import in_order
 
 DEFAULT_CACHE_BYTES = 1024 ** 3
 DEFAULT_BATCH_SIZE = 256
@@ -75,13 +77,14 @@ class HessianOperator(LinearOperator):
 
     def __init__(self, network: Network, source: BatchSource, matrix: str = "hessian",
                  cache_bytes: int = DEFAULT_CACHE_BYTES, names: Optional[Sequence[str]] = None,
-                 _shared: Optional["_Shared"] = None):
+                 _shared: Optional["_Shared"] = None, workers: Optional[int] = None):
         if matrix not in MATRICES:
             raise MinsharpError(f"matrix must be hessian or ggn, not {matrix!r}")
         self.network = network
         self.matrix = matrix
         self.layout = Layout.of(network)
-        self._shared = _shared or _Shared(network, source, matrix == "hessian", cache_bytes)
+        self._shared = _shared or _Shared(network, source, matrix == "hessian", cache_bytes,
+                                          workers or available_cores())
         self.names = tuple(self.layout.names if names is None else names)
         unknown = [n for n in self.names if n not in self.layout.names]
         if unknown:
@@ -149,8 +152,11 @@ class _Shared:
     """The data side of an operator and its blocks: the batch source, the per-batch states
     while they fit the cache, and the product count."""
 
-    def __init__(self, network: Network, source: BatchSource, with_deltas: bool, cache_bytes: int):
-        self.network, self.source = network, source
+    def __init__(self, network: Network, source: BatchSource, with_deltas: bool, cache_bytes: int,
+                 workers: int = 1):
+        if workers < 1:
+            raise MinsharpError(f"--workers must be at least 1, not {workers}")
+        self.network, self.source, self.workers = network, source, workers
         self.plan = traversal_plan(network)
         self.with_deltas = with_deltas
         self.cache_bytes = cache_bytes
@@ -190,18 +196,27 @@ class _Shared:
         return self._samples
 
     def product(self, directions: list, wanted: set, ggn: bool) -> dict:
-        """Mean over samples of the per-layer products: batch sums added in batch order."""
+        """Mean over samples of the per-layer products: ``workers`` batches at a time, each
+        on one thread with single-threaded BLAS, their sums added in batch order (the bits
+        do not depend on the number of workers)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        def job(state: BatchState):
+            return state.n, batch_product(self.network, self.plan, state, directions, wanted, ggn)
+
         total: dict = {}
         n = 0
-        for state in self.states():
-            n += state.n
-            part = batch_product(self.network, self.plan, state, directions, wanted, ggn)
-            for d, (gw, gb) in part.items():
-                if d in total:
-                    tw, tb = total[d]
-                    total[d] = (tw + gw, None if gb is None else tb + gb)
-                else:
-                    total[d] = (gw, gb)
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(self.workers) as pool:
+            for count, part in in_order(pool, job, self.states(), self.workers):
+                n += count
+                for d, (gw, gb) in part.items():
+                    if d in total:
+                        tw, tb = total[d]
+                        total[d] = (tw + gw, None if gb is None else tb + gb)
+                    else:
+                        total[d] = (gw, gb)
         if n == 0:
             raise MinsharpError("no samples")
         self.hvps += 1

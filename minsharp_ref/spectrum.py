@@ -72,7 +72,8 @@ def hessian_operator(model, data, *, matrix: str = "hessian", split: str = "trai
                      mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                      limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH_SIZE,
                      loss: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
-                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> HessianOperator:
+                     cache_bytes: int = DEFAULT_CACHE_BYTES,
+                     workers: Optional[int] = None) -> HessianOperator:
     """The Hessian (``matrix="hessian"``) or Gauss-Newton matrix (``"ggn"``) of the mean loss
     of ``model`` (an .onnx path, an ``ImportedModel`` or an IR ``Network``) over ``data``
     (an .npz path with the options of ``score``, or an in-memory pair (x, y) of preprocessed
@@ -85,7 +86,8 @@ def hessian_operator(model, data, *, matrix: str = "hessian", split: str = "trai
     coordinates, ``op.block(name)`` is that tensor's diagonal block, ``op.hvps`` counts the
     products. Every product streams the data in batches (summed in batch order, so the same
     call gives the same bits), keeping the parameter-only part of each batch while it fits
-    ``cache_bytes``."""
+    ``cache_bytes``. ``workers``: batches multiplied at once (default: the cores this process
+    may use; the bits do not depend on it)."""
     if isinstance(model, Network):
         network = model
     else:
@@ -95,7 +97,7 @@ def hessian_operator(model, data, *, matrix: str = "hessian", split: str = "trai
         source = array_source(x, y, batch_size)
     else:
         source, _ = file_source(network, data, split, x_key, y_key, mean, std, limit, batch_size)
-    return HessianOperator(network, source, matrix, cache_bytes)
+    return HessianOperator(network, source, matrix, cache_bytes, workers=workers)
 
 
 # ------------------------------------------------------------------------- eigenpairs

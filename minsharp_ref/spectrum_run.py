@@ -52,6 +52,7 @@ class DataOptions:
     limit: Optional[int] = None
     batch_size: int = DEFAULT_BATCH_SIZE
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    workers: Optional[int] = None  # batches multiplied at once (default: the cores available)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _score(model, d: DataOptions, loss, input_shape, diagonal: bool):
 
     return score(model, d.data, split=d.split, x_key=d.x_key, y_key=d.y_key, mean=d.mean,
                  std=d.std, limit=d.limit, provider="numpy", diagonal=diagonal, loss=loss,
-                 input_shape=input_shape)
+                 input_shape=input_shape, workers=d.workers)
 
 
 def rescaled_to_alpha_star(network, result):
@@ -106,7 +107,7 @@ def run_spectrum(model, d: DataOptions, o: SpectrumOptions, loss: Optional[str] 
         raise MinsharpError(f"{d.data}: no labels; the Hessian needs them (pass --y-key, or "
                             "--matrix ggn, which does not)")
     scored = _score(imported, d, None, None, diagonal=o.check)
-    op = _Counted(HessianOperator(network, source, o.matrix, d.cache_bytes), progress)
+    op = _Counted(HessianOperator(network, source, o.matrix, d.cache_bytes, workers=d.workers), progress)
     timings: dict = {}
 
     def timed(name, fn, pairs: int = 1):
@@ -173,7 +174,7 @@ def _lambda_at_alpha(network, scored, source, d, o, progress, op) -> Optional[di
     rescaled = rescaled_to_alpha_star(network, scored)
     if rescaled is None:
         return None
-    other = _Counted(HessianOperator(rescaled, source, o.matrix, d.cache_bytes), progress, op)
+    other = _Counted(HessianOperator(rescaled, source, o.matrix, d.cache_bytes, workers=d.workers), progress, op)
     pair: Eigenpair = extreme_eigenpairs(other, 1, "LA", o.tol, o.max_iter, o.seed)[0]
     return pair.to_dict()
 

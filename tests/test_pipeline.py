@@ -144,7 +144,7 @@ def test_commands_that_score_share_the_run_and_data_options():
     data = {"--split", "--x-key", "--mean", "--std", "--input-shape", "--limit"}
     takes = {"rescale": data | {"--engine", "--precision", "--provider", "--workers",
                                 "--batch-size", "--memory-budget"},
-             "spectrum": data | {"--y-key", "--loss", "--batch-size"}}
+             "spectrum": data | {"--y-key", "--loss", "--batch-size", "--workers"}}
     for name, wanted in takes.items():
         options = {opt: p for p in command.commands[name].params for opt in p.opts}
         assert wanted <= options.keys(), (name, wanted - options.keys())

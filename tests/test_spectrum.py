@@ -131,6 +131,9 @@ def test_blocks_slices_streaming_and_bits():
     first = op.matvec(v)
     assert np.array_equal(first, op.matvec(v))  # cached: the same bits
     assert np.array_equal(first, streamed.matvec(v))  # streamed: the same bits
+    for workers in (1, 2, 3):  # batches multiplied side by side, added in batch order
+        assert np.array_equal(first, hessian_operator(net, (x, y), batch_size=3,
+                                                      workers=workers).matvec(v))
     assert streamed._shared.streaming and streamed._shared.cache is None
     for name, s in op.slices.items():
         block = op.block(name)
