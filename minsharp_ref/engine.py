@@ -382,14 +382,16 @@ def signals_at_parameters(network: Network, inputs: list[Optional[np.ndarray]],
 
     ``inputs[i]`` is layer i's input where the engine needs it (``needed_inputs``); other
     entries may be None. ``dtype`` is the precision of the signals: float64 (the reference)
-    or float32 (pass a network already cast with ``Network.astype``)."""
+    or float32 (pass a network already cast with ``Network.astype``). ``plan`` may be the
+    plan of any network of the same structure (the uncast one): the layers, and so the
+    parameters and their precision, are read from ``network``."""
     plan = plan or traversal_plan(network)
     shapes = network.tensor_shapes()
     n = logits.shape[0]
     pending = {network.logits_name: loss_hessian_factor(logits, network.loss)
                .astype(dtype, copy=False)}
     for step in plan.backward_steps:
-        layer = step.layer
+        layer = network.layers[step.index]  # the plan is structure; parameters come from network
         g = pending.pop(step.output)
         a = inputs[step.index]
         if a is None:  # shape-only layers: a stand-in with the right shape and no data

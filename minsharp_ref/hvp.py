@@ -264,7 +264,7 @@ def prepare(network: Network, plan: Plan, x: np.ndarray, y: Optional[np.ndarray]
             if step.param_index is not None:
                 deltas[step.param_index] = g
             if step.passes_back:
-                _send(pending, step, backprop(step.layer, g[:, None].copy(), inputs[step.index]))
+                _send(pending, step, backprop(network.layers[step.index], g[:, None].copy(), inputs[step.index]))
     return BatchState(len(x), inputs, loss_hessian_factor(logits, network.loss), deltas)
 
 
@@ -284,7 +284,7 @@ def _forward_tangents(network: Network, plan: Plan, state: BatchState,
     shapes = network.tensor_shapes()
     tangents: dict = {}
     for step in plan.forward_steps:
-        layer, a = step.layer, state.inputs[step.index]
+        layer, a = network.layers[step.index], state.inputs[step.index]
         ts = [tangents.get(k) if sends else None for k, sends in zip(layer.inputs, step.sends)]
         if step.param_index is not None:
             out = param_tangent(layer, ts[0], a, directions[step.param_index])
@@ -318,7 +318,7 @@ def batch_product(network: Network, plan: Plan, state: BatchState, directions: l
     shapes = network.tensor_shapes()
     out: dict = {}
     for step in plan.backward_steps:
-        layer, a, d = step.layer, state.inputs[step.index], step.param_index
+        layer, a, d = network.layers[step.index], state.inputs[step.index], step.param_index
         g = pending.pop(step.output, None)
         if d is not None and d in wanted:
             t_in = tangents.get(layer.input_name) if step.sends[0] else None

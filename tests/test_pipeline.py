@@ -6,6 +6,7 @@ import ast
 import json
 import pickle
 from pathlib import Path
+import numpy as np
 
 import pytest
 from typer.testing import CliRunner
@@ -363,3 +364,19 @@ def test_invariance_labels_the_parametrisation_of_each_number(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["parametrisation"] == {"trace": "original", "minimum_sharpness": "folded"}
     assert doc["forward"] == "numpy-float64" and doc["base"]["folded_trace"] > 0
+
+
+def test_a_plan_serves_a_cast_network_in_its_own_precision():
+    """The NumPy engine builds its plan once from the network and runs float32 signals on
+    the cast copy: every signal must then be float32 (a plan's layers are structure; the
+    parameters come from the network passed in)."""
+    from minsharp_ref.engine import signals_at_parameters
+    from minsharp_ref.plan import traversal_plan
+
+    network = import_model(FIXTURES / "lenet_torchscript.onnx").network
+    x = np.random.default_rng(0).standard_normal((3,) + network.input_shape)
+    logits, inputs = network.forward(x, keep_inputs=True)
+    cast = network.astype(np.float32)
+    dtypes = {g.dtype for _, _, g, _ in signals_at_parameters(
+        cast, inputs, logits, np.float32, plan=traversal_plan(network))}
+    assert dtypes == {np.dtype(np.float32)}
