@@ -80,9 +80,10 @@ def fidelity_or_warning(imported: ImportedModel, x: np.ndarray, ref_logits: np.n
 
 
 class NumpyBackend:
-    """The NumPy engine (docs/method.md section 3). Its forward: the IR in float64
-    (``provider`` auto or numpy: float64 end to end, onnxruntime on the CPU checks the
-    import on the first batch), or onnxruntime's activations (``provider`` cpu or cuda)."""
+    """The NumPy engine (docs/method.md section 3). Its forward: the IR in the signals'
+    precision (``provider`` auto or numpy: by default float64 end to end; onnxruntime on the
+    CPU checks the import on the first batch against the IR's float64 logits), or
+    onnxruntime's activations (``provider`` cpu or cuda)."""
 
     engine = "numpy"
 
@@ -108,10 +109,11 @@ class NumpyBackend:
         self.signal_folded = (self.folded if self.folded is None or dtype == np.float64
                               else self.folded.astype(dtype))
         provider = self.options.provider
-        self.forward = (NumpyForward(network) if provider in ("auto", "numpy")
+        # the IR's forward in the signals' precision: float64 end to end by default
+        self.forward = (NumpyForward(self.signal_network, dtype) if provider in ("auto", "numpy")
                         else make_forward(self.imported.proto, network, provider, threads=1))
         self.provider = self.forward.name
-        self.forward_label = ("numpy-float64" if self.provider == "numpy" else
+        self.forward_label = (f"numpy-{self.precision}" if self.provider == "numpy" else
                               f"onnxruntime-{self.provider}-{np.dtype(network.input_dtype).name}")
 
     def run(self, x: np.ndarray) -> BatchResult:
@@ -134,8 +136,9 @@ class NumpyBackend:
     def check(self, batch: BatchResult) -> None:
         if self.check_first and np.all(np.isfinite(batch.logits)):
             m = FIDELITY_SAMPLES
-            if self.provider == "numpy":  # onnxruntime's logits against ours
-                fidelity_or_warning(self.imported, batch.x[:m], batch.logits[:m], None, self.checks)
+            if self.provider == "numpy":  # onnxruntime's logits against ours (float64)
+                ours = batch.logits[:m] if self.dtype == np.float64 else None
+                fidelity_or_warning(self.imported, batch.x[:m], ours, None, self.checks)
             else:  # ours (the IR's float64) against onnxruntime's
                 fidelity_or_warning(self.imported, batch.x[:m], None, batch.logits[:m], self.checks)
         self.check_first = False

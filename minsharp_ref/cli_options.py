@@ -53,9 +53,10 @@ Engine = Annotated[str, typer.Option(
                      "--provider's device, float32 unless --precision float64; certified on "
                      "its first batch, at most 64 samples).")]
 Precision = Annotated[Optional[str], typer.Option(
-    "--precision", help="Precision of the back-propagated signals: float64 (reference) or "
-                        "float32 (sums stay float64). Default: float64 for --engine numpy, "
-                        "float32 for --engine onnxruntime.")]
+    "--precision", help="Precision of the back-propagated signals (and of the IR's forward "
+                        "with --provider auto or numpy): float64 (reference) or float32 (sums "
+                        "stay float64). Default: float64 for --engine numpy, float32 for "
+                        "--engine onnxruntime.")]
 Provider = Annotated[str, typer.Option(
     "--provider", help="auto | cuda | cpu | numpy. --engine numpy: auto and numpy run the "
                        "IR's float64 forward (float64 end to end; onnxruntime checks the "

@@ -448,10 +448,10 @@ class Network:
         shapes = self.tensor_shapes()
         return [shapes[l.input_name] for l in self.layers]
 
-    def forward(self, x: np.ndarray, keep_inputs: bool = False):
-        """Float64 reference forward. Returns logits, or (logits, (first) input of every
-        layer)."""
-        a = np.asarray(x, dtype=np.float64)
+    def forward(self, x: np.ndarray, keep_inputs: bool = False, dtype=np.float64):
+        """Float64 reference forward (``dtype`` float32 on a network cast with ``astype``: the
+        same in float32). Returns logits, or (logits, (first) input of every layer)."""
+        a = np.asarray(x, dtype=dtype)
         inputs = []
         if not self.is_chain:
             values = {self.input_name: a}

@@ -122,18 +122,21 @@ def cuda_error() -> MinsharpError:
 
 
 class NumpyForward:
-    """The IR's float64 forward: the reference path."""
+    """The IR's forward: float64, the reference path (or, on a network cast with
+    ``Network.astype(np.float32)`` and ``dtype`` float32, the same in float32). The logits
+    are returned in float64."""
 
     name = "numpy"
 
-    def __init__(self, network: Network):
-        self.network = network
+    def __init__(self, network: Network, dtype=np.float64):
+        self.network, self.dtype = network, dtype
         self.keep = needed_inputs(network)
 
     def __call__(self, x: np.ndarray):
-        logits, inputs = self.network.forward(x, keep_inputs=True)
+        logits, inputs = self.network.forward(x, keep_inputs=True, dtype=self.dtype)
         keep = set(self.keep)
-        return logits, [a if i in keep else None for i, a in enumerate(inputs)]
+        return (logits.astype(np.float64, copy=False),
+                [a if i in keep else None for i, a in enumerate(inputs)])
 
 
 def free_the_batch(model: onnx.ModelProto, input_name: str) -> None:

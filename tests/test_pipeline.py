@@ -380,3 +380,22 @@ def test_a_plan_serves_a_cast_network_in_its_own_precision():
     dtypes = {g.dtype for _, _, g, _ in signals_at_parameters(
         cast, inputs, logits, np.float32, plan=traversal_plan(network))}
     assert dtypes == {np.dtype(np.float32)}
+
+
+def test_float32_numpy_engine_runs_its_forward_in_float32(tmp_path):
+    """--precision float32 on the NumPy engine: the IR's forward in float32 too (reported as
+    numpy-float32), per-tensor traces within 1e-4 of the float64 reference, the import still
+    checked against the IR's float64 logits."""
+    docs = {}
+    for precision in ("float64", "float32"):
+        out = tmp_path / f"{precision}.json"
+        r = CliRunner().invoke(app, ["score", str(FIXTURES / "lenet_torchscript.onnx"), "--data",
+                                     str(MNIST), "--mean", "0.5", "--std", "0.5", "--limit", "64",
+                                     "--precision", precision, "--json", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        docs[precision] = json.loads(out.read_text())
+    assert docs["float32"]["forward"] == "numpy-float32"
+    assert docs["float32"]["fidelity"]["max_scaled_difference"] <= 1e-6
+    for a, b in zip(docs["float64"]["layers"], docs["float32"]["layers"]):
+        assert b["trace_weight"] == pytest.approx(a["trace_weight"], rel=1e-4)
+        assert b["trace_weight"] != a["trace_weight"]  # really computed in float32
