@@ -13,6 +13,7 @@ against a float64 reference: minsharp-ref's Lanczos at tol 1e-12 whose residual 
 it. The machine is shared by other processes: compare ratios.
 
     python benchmarks/bench_spectrum.py [--models mlp512,lenet] [--rounds 3] [--samples 1000]
+                                        [--threads 1]
 
 PyHessian and curvlinops are optional (``pip install -e '.[bench]'``): skipped when absent.
 """
@@ -58,8 +59,10 @@ def run_minsharp(network, x, y, tol):
     from minsharp_ref import hessian_operator
     from minsharp_ref.spectrum import extreme_eigenpairs
 
-    start = time.perf_counter()
-    op = hessian_operator(network, (x, y), batch_size=1000)
+    threads = int(os.environ.get("BENCH_THREADS", "1"))
+    start = time.perf_counter()  # with N threads: N batches side by side, one BLAS thread each
+    op = hessian_operator(network, (x, y), batch_size=-(-len(x) // (2 * threads)) if threads > 1
+                          else len(x), workers=threads)
     pair = extreme_eigenpairs(op, 1, "LA", tol=tol)[0]
     seconds = time.perf_counter() - start
     return pair.value, seconds, op.hvps - 1  # the residual's product is not part of the run
@@ -69,7 +72,7 @@ def torch_setup(network, x, y):
     import torch
     from bench_engines import torch_model
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     torch.manual_seed(0)
     model = torch_model(network).double().eval()
     return torch, model, torch.as_tensor(x), torch.as_tensor(y)
@@ -122,6 +125,8 @@ def worker(method: str, model: str, samples: int) -> None:
 
 def spawn(method: str, model: str, samples: int) -> dict:
     env = dict(os.environ, **ENV)
+    if os.environ.get("BENCH_THREADS"):
+        env.update({k: os.environ["BENCH_THREADS"] for k in ENV})
     r = subprocess.run([sys.executable, __file__, "--worker", method, "--models", model,
                         "--samples", str(samples)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -136,12 +141,15 @@ def main():
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--worker", default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per method (BLAS, torch; minsharp-ref: batches side by side)")
     args = p.parse_args()
     if args.worker:
         worker(args.worker, args.models, args.samples)
         return
+    os.environ["BENCH_THREADS"] = str(args.threads)
     methods = args.methods.split(",")
-    print(f"{args.samples} MNIST samples, float64, one thread per process, {args.rounds} rounds, "
+    print(f"{args.samples} MNIST samples, float64, {args.threads} thread(s) per process, {args.rounds} rounds, "
           "alternating order; shared machine: compare ratios")
     for model in args.models.split(","):
         ref = spawn("reference", model, args.samples)
