@@ -39,10 +39,11 @@ class RunOptions:
     """How a scoring run computes (not which model or data): frozen, picklable, validated.
 
     * ``engine``: "numpy" (the float64 reference) or "onnxruntime" (the trace graph);
-    * ``precision``: of the back-propagated signals, "float64" or "float32" (sums are
-      float64 either way); None: the engine's default (``DEFAULT_PRECISION``);
+    * ``precision``: of the back-propagated signals (and of the NumPy engine's IR forward
+      with provider "auto" or "numpy"), "float64" or "float32" (sums are float64 either
+      way); None: the engine's default (``DEFAULT_PRECISION``);
     * ``provider``: "auto", "cuda", "cpu" or "numpy". The NumPy engine's forward: "auto"
-      and "numpy" run the IR's float64 forward (onnxruntime on the CPU only checks the
+      and "numpy" run the IR's forward (float64 by default; onnxruntime on the CPU only checks the
       import on the first batch); "cpu" and "cuda" take onnxruntime's activations (in the
       model's precision, usually float32). The onnxruntime engine: the device of the trace
       graph ("auto": CUDA where it loads, else the CPU; "numpy" is refused);
