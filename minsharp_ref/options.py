@@ -43,9 +43,9 @@ class RunOptions:
       with provider "auto" or "numpy"), "float64" or "float32" (sums are float64 either
       way); None: the engine's default (``DEFAULT_PRECISION``);
     * ``provider``: "auto", "cuda", "cpu" or "numpy". The NumPy engine's forward: "auto"
-      and "numpy" run the IR's forward (float64 by default; onnxruntime on the CPU only checks the
-      import on the first batch); "cpu" and "cuda" take onnxruntime's activations (in the
-      model's precision, usually float32). The onnxruntime engine: the device of the trace
+      and "numpy" run the IR's forward (float64 by default; onnxruntime on the CPU only
+      checks the import on the first batch); "cpu" and "cuda" take onnxruntime's
+      activations (in the model's precision, usually float32). The onnxruntime engine: the device of the trace
       graph ("auto": CUDA where it loads, else the CPU; "numpy" is refused);
     * ``workers``: batches processed at once, one per thread (default: the cores this
       process may use). The numbers do not depend on it (docs/cli.md, "Workers");
