@@ -255,6 +255,22 @@ def test_documented_score_signature_is_the_real_one():
         assert real[name].default == value, name
 
 
+def test_documented_hessian_operator_signature_is_the_real_one():
+    """docs/python-api.md's `hessian_operator` block: every parameter, in order, with its
+    default (2**30 evaluated)."""
+    import inspect
+    import re
+
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    block = re.search(r"```python\nop = minsharp_ref\.hessian_operator\((.*?)\)\n```", text, re.S)
+    assert block, "docs/python-api.md has no `minsharp_ref.hessian_operator(...)` block"
+    documented = ast.parse(f"def f({block.group(1)}): pass").body[0].args
+    real = inspect.signature(minsharp_ref.hessian_operator).parameters
+    assert [a.arg for a in documented.args + documented.kwonlyargs] == list(real)
+    for arg, default in zip(documented.kwonlyargs, documented.kw_defaults):
+        assert real[arg.arg].default == eval(compile(ast.Expression(default), "doc", "eval")), arg.arg
+
+
 def test_every_method_section_a_docstring_cites_exists():
     """`docs/method.md section N` (and `sections N, M and K`) has a `## N.` heading, a quoted
     title after it starts a heading, a bold paragraph or a bold list item; no docstring cites the spec."""
