@@ -163,33 +163,43 @@ def extreme_eigenpairs(op: LinearOperator, k: int = 1, which: str = "LA",
 LANCZOS_STEPS = 40
 
 
-def lanczos_extreme(op: LinearOperator, k: int, which: str, tol: float, seed: int,
-                    steps: int):
-    """Plain Lanczos with full reorthogonalisation from ``start_vector(seed)``, stopped as
-    soon as the k wanted Ritz pairs (θ, y) have ‖Hy − θy‖ = β_j |s_jk| ≤ tol·|θ| (ARPACK's
-    criterion, without its minimum of 20 vectors and restarts). Returns (values, vectors),
-    largest first for "LA", smallest first for "SA", or None when ``steps`` did not suffice
-    (the caller then runs ARPACK)."""
-    n = op.shape[0]
-    basis = np.empty((steps, n))
+def lanczos_iterations(op: LinearOperator, v0: np.ndarray, steps: int):
+    """Lanczos with full reorthogonalisation (twice is enough: Kahan, Parlett) from v0,
+    at most ``steps`` steps: after step j yields (α_0..α_j, β_0..β_{j−1}, β_j = ‖w_j‖, the
+    basis rows 0..j); stops after a step whose β_j is 0 (an invariant subspace)."""
+    basis = np.empty((steps, op.shape[0]))
     alpha, beta = np.zeros(steps), np.zeros(steps)
-    v = start_vector(n, seed)
+    v = v0 / np.linalg.norm(v0)
     for j in range(steps):
         basis[j] = v
         w = op.matvec(v)
         alpha[j] = w @ v
         q = basis[:j + 1]
         w -= q.T @ (q @ w)
-        w -= q.T @ (q @ w)  # twice is enough (Kahan, Parlett)
+        w -= q.T @ (q @ w)
         b = float(np.linalg.norm(w))
-        theta, s = np.linalg.eigh(np.diag(alpha[:j + 1]) + np.diag(beta[:j], 1) + np.diag(beta[:j], -1))
+        yield alpha[:j + 1], beta[:j], b, q
+        if b == 0.0:
+            return
+        beta[j] = b
+        v = w / b
+
+
+def lanczos_extreme(op: LinearOperator, k: int, which: str, tol: float, seed: int,
+                    steps: int):
+    """Plain Lanczos (``lanczos_iterations`` from ``start_vector(seed)``), stopped as soon as
+    the k wanted Ritz pairs (θ, y) have ‖Hy − θy‖ = β_j |s_jk| ≤ tol·|θ| (ARPACK's
+    criterion, without its minimum of 20 vectors and restarts). Returns (values, vectors),
+    largest first for "LA", smallest first for "SA", or None when ``steps`` did not suffice
+    (the caller then runs ARPACK)."""
+    for alpha, beta, b, q in lanczos_iterations(op, start_vector(op.shape[0], seed), steps):
+        j = len(alpha) - 1
+        theta, s = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
         if j + 1 >= k:
             idx = np.arange(j, j - k, -1) if which == "LA" else np.arange(k)
             bound = b * np.abs(s[-1, idx])
             if np.all(bound <= tol * np.abs(theta[idx])) or b <= 1e-14 * np.abs(theta).max():
                 return theta[idx], q.T @ s[:, idx]
-        beta[j] = b
-        v = w / b
     return None
 
 
@@ -197,26 +207,13 @@ def lanczos_extreme(op: LinearOperator, k: int, which: str, tol: float, seed: in
 
 
 def lanczos_tridiagonal(op: LinearOperator, v0: np.ndarray, steps: int):
-    """(α, β) of ``steps`` Lanczos steps from v0 with full reorthogonalisation."""
-    n = op.shape[0]
-    steps = min(steps, n)
-    basis = np.zeros((steps, n))
-    alpha, beta = np.zeros(steps), np.zeros(max(steps - 1, 0))
-    v = v0 / np.linalg.norm(v0)
-    for j in range(steps):
-        basis[j] = v
-        w = op.matvec(v)
-        alpha[j] = w @ v
-        w = w - basis[:j + 1].T @ (basis[:j + 1] @ w)
-        w = w - basis[:j + 1].T @ (basis[:j + 1] @ w)
-        if j == steps - 1:
-            break
-        b = np.linalg.norm(w)
-        if b < 1e-12 * max(1.0, abs(alpha[j])):
-            return alpha[:j + 1], beta[:j]
-        beta[j] = b
-        v = w / b
-    return alpha, beta
+    """(α, β) of ``steps`` Lanczos steps from v0 (``lanczos_iterations``), fewer when the
+    Krylov space is exhausted (β below 1e-12 of the scale)."""
+    steps = min(steps, op.shape[0])
+    for alpha, beta, b, _ in lanczos_iterations(op, v0, steps):
+        if len(alpha) == steps or b < 1e-12 * max(1.0, abs(alpha[-1])):
+            return alpha.copy(), beta.copy()
+    raise AssertionError("unreachable: the last step returns")  # pragma: no cover
 
 
 def slq_density(op: LinearOperator, runs: int = 4, steps: int = 40,
