@@ -153,6 +153,49 @@ def log10_alpha_strategy(half: float):
     return st.tuples(*[st.booleans()] * (1 + MAGNITUDE_BITS)).map(value)
 
 
+def tolerance_of(run, rtol: Optional[float]) -> float:
+    """``rtol``, or by default DEFAULT_RTOL["numpy"] for a run that is float64 end to end
+    (the IR's float64 forward and float64 signals), 1e-4 for any other."""
+    if rtol is not None:
+        return rtol
+    reference = run.forward == "numpy-float64" and run.precision == "float64"
+    return DEFAULT_RTOL["numpy"] if reference else 1e-4
+
+
+def run_draws(strategy, seed: int, trials: int, tol: float,
+              score_draw: Callable, recorded: list, on_trial: Optional[Callable] = None):
+    """Draw ``trials`` values of ``strategy`` with hypothesis (seeded, no example
+    database), score each (``score_draw(value, shrinking)`` returns a trial with a
+    ``deviation``), record the trials up to the first failing one in ``recorded`` (and
+    ``on_trial``), and let hypothesis shrink a failure (deviation above ``tol``) to a
+    minimal one. Returns that shrunk failing trial, or None when every draw passed."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import seed as hypothesis_seed
+
+    failing: list = []
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=trials, database=None, deadline=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
+              report_multiple_bugs=False, verbosity=Verbosity.quiet)
+    @given(strategy)
+    def draw(value):
+        trial = score_draw(value, bool(failing))
+        if not failing:
+            recorded.append(trial)
+            if on_trial:
+                on_trial(trial)
+        if not trial.deviation <= tol:
+            failing.append(trial)
+            raise AssertionError("the invariant moved")
+
+    try:
+        draw()
+    except AssertionError:
+        return failing[-1]  # hypothesis ends on the shrunk example
+    return None
+
+
 def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *,
                      provider: Optional[str] = None, trials: int, seed: int, spread: float,
                      rtol: Optional[float], data_info: dict,
@@ -167,8 +210,6 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *,
     With BatchNorm the naive trace is the original parametrisation's and minimum sharpness
     the folded one's (docs/method.md section 10): ``parametrisation`` names both, and
     ``base_folded_trace`` gives the folded network's naive trace beside it."""
-    from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
-    from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
 
     if options is None:
@@ -176,8 +217,7 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *,
     provider = proto_provider(options)
     summary, run = _score(imported, batches, options, check=True)
     base_trace, base_ms = summary.trace, summary.minimum_sharpness
-    reference = run.forward == "numpy-float64" and run.precision == "float64"
-    tol = (DEFAULT_RTOL["numpy"] if reference else 1e-4) if rtol is None else rtol
+    tol = tolerance_of(run, rtol)
     result = InvarianceResult(
         model={"path": str(imported.path), "sha256": imported.sha256}, data=data_info,
         provider=run.provider, rtol=tol, seed=seed, spread=spread, base_trace=base_trace,
@@ -194,36 +234,25 @@ def check_invariance(imported: ImportedModel, batches: list[np.ndarray], *,
     else:
         d = len(imported.network.param_layers)
     exponent = log10_alpha_strategy(spread / 2)
-    failing: list = []
     seen: set = set()
 
-    @hypothesis_seed(seed)
-    @settings(max_examples=trials, database=None, deadline=None, derandomize=False,
-              suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
-              report_multiple_bugs=False, verbosity=Verbosity.quiet)
-    @given(st.tuples(*[exponent] * d))
-    def draw(log10_alpha):
+    def score_draw(log10_alpha, shrinking: bool) -> Trial:
+        from hypothesis import assume
+
         log10 = np.asarray(log10_alpha, dtype=np.float64)
         if not grouped:  # Π α = 1
             log10 = log10 - np.mean(log10)
         alpha = 10.0 ** log10
         key = tuple(np.round(log10, 12))
-        assume(failing or key not in seen)  # distinct draws only (the shrink phase may repeat)
+        assume(shrinking or key not in seen)  # distinct draws only (the shrink phase may repeat)
         seen.add(key)
         drawn, _ = _score(transform(imported, alpha, provider), batches, options, check=False)
         trace, ms = drawn.trace, drawn.minimum_sharpness
         deviation = abs(ms - base_ms) / base_ms if base_ms > 0 else abs(ms)
-        trial = Trial(tuple(alpha.tolist()), trace, ms, deviation)
-        if not failing:
-            result.trials.append(trial)
-            if on_trial:
-                on_trial(trial)
-        if not deviation <= tol:
-            failing.append(trial)
-            raise AssertionError("minimum sharpness moved")
+        return Trial(tuple(alpha.tolist()), trace, ms, deviation)
 
-    try:
-        draw()
-    except AssertionError:
-        result.falsifying_alpha = failing[-1].alpha  # hypothesis ends on the shrunk example
+    falsifying = run_draws(st.tuples(*[exponent] * d), seed, trials, tol, score_draw,
+                           result.trials, on_trial)
+    if falsifying is not None:
+        result.falsifying_alpha = falsifying.alpha  # hypothesis ends on the shrunk example
     return result

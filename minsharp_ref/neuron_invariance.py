@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .api import summarise
-from .invariance import DEFAULT_RTOL, INVARIANCE_SCHEMA, log10_alpha_strategy
+from .invariance import INVARIANCE_SCHEMA, log10_alpha_strategy, run_draws, tolerance_of
 from .neuron import unit_map, unit_parameters
 from .neuron_measure import neuron_optimum, rescaled_model
 from .onnx_import import ImportedModel
@@ -113,13 +113,10 @@ def check_neuron_invariance(imported: ImportedModel, batches: list[np.ndarray], 
     values next to 0 and uniform ones) and a 32-bit generator seed, built from booleans;
     every unit of the network gets log10 γ uniform in [−|h|, |h|] (``unit_scales``), applied
     with ``neuron.unit_parameters`` (BatchNorm exactly). Shrinking walks h towards 0."""
-    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-    from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
 
     base_trace, base_ms, base_nms, run, warnings = score_neurons(imported, batches, options, True)
-    reference = run.forward == "numpy-float64" and run.precision == "float64"
-    tol = (DEFAULT_RTOL["numpy"] if reference else 1e-4) if rtol is None else rtol
+    tol = tolerance_of(run, rtol)
     used = run.provider
     units = unit_map(imported.network)
     result = NeuronInvarianceResult(
@@ -129,29 +126,17 @@ def check_neuron_invariance(imported: ImportedModel, batches: list[np.ndarray], 
         base_neuron_minimum_sharpness=base_nms, warnings=warnings)
     bits = st.tuples(*[st.booleans()] * SEED_BITS).map(
         lambda b: int("".join("1" if x else "0" for x in b), 2))
-    failing: list = []
 
-    @hypothesis_seed(seed)
-    @settings(max_examples=trials, database=None, deadline=None, derandomize=False,
-              suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
-              report_multiple_bugs=False, verbosity=Verbosity.quiet)
-    @given(log10_alpha_strategy(spread / 2), bits)
-    def draw(half_width, draw_seed):
+    def score_draw(drawn, shrinking: bool) -> NeuronTrial:
+        half_width, draw_seed = drawn
         s = unit_scales(units.size, half_width, draw_seed)
         moved = rescaled_model(imported, unit_parameters(imported.network, units, s))
         trace, ms, nms, _, _ = score_neurons(moved, batches, options, False)
         deviation = abs(nms - base_nms) / base_nms if base_nms > 0 else abs(nms)
-        trial = NeuronTrial(abs(half_width), draw_seed, trace, ms, nms, deviation)
-        if not failing:
-            result.trials.append(trial)
-            if on_trial:
-                on_trial(trial)
-        if not deviation <= tol:
-            failing.append(trial)
-            raise AssertionError("neuron-wise minimum sharpness moved")
+        return NeuronTrial(abs(half_width), draw_seed, trace, ms, nms, deviation)
 
-    try:
-        draw()
-    except AssertionError:
-        result.falsifying = (failing[-1].half_width, failing[-1].draw_seed)
+    failed = run_draws(st.tuples(log10_alpha_strategy(spread / 2), bits), seed, trials, tol,
+                       score_draw, result.trials, on_trial)
+    if failed is not None:
+        result.falsifying = (failed.half_width, failed.draw_seed)
     return result
